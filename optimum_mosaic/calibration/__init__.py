@@ -1,0 +1,1 @@
+"""Calibration: text → token windows → layer-by-layer statistics."""

@@ -1,0 +1,124 @@
+"""Walk the decoder layers one at a time over cached calibration activations.
+
+1. ``capture``: run the base model once per batch with every decoder layer replaced by a recorder that
+   returns its input unchanged; this yields the inputs of layer 0 and the keyword arguments each layer
+   receives (attention mask, rotary embeddings, …), generically across architectures, without paying
+   for any layer.
+2. ``forward``: run one layer over all cached inputs (optionally with hooks that accumulate
+   ``InputStatistics``), moving only that layer to the execution device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..architectures import ArchSpec, decoder_layers, get_submodule
+from .statistics import InputStatistics
+
+
+class _Recorder(nn.Module):
+    """Stands in for a decoder layer during capture: records (hidden_states, kwargs), passes them on."""
+
+    def __init__(self, layer: nn.Module, sink: list):
+        super().__init__()
+        self.sink = sink
+        if hasattr(layer, "attention_type"):
+            self.attention_type = layer.attention_type
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if args:
+            raise TypeError("decoder layers are expected to get everything but hidden_states by keyword")
+        self.sink.append((hidden_states, kwargs))
+        return hidden_states
+
+
+@dataclass
+class Activations:
+    """Inputs of the current layer for every calibration window, and each layer's keyword arguments."""
+
+    hidden: torch.Tensor  # [nsamples, seqlen, d]
+    layer_kwargs: list[dict]
+    batch_size: int
+
+    def clone(self) -> Activations:
+        return Activations(self.hidden.clone(), self.layer_kwargs, self.batch_size)
+
+    def batches(self):
+        for i in range(0, self.hidden.shape[0], self.batch_size):
+            yield slice(i, i + self.batch_size)
+
+
+@contextlib.contextmanager
+def on_device(module: nn.Module, device: torch.device):
+    """Move ``module`` to ``device`` for the duration of the block, then back where it was."""
+    param = next(module.parameters(), None)
+    home = param.device if param is not None else device
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(home)
+
+
+@torch.inference_mode()
+def capture(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, device, batch_size: int) -> Activations:
+    """Inputs of decoder layer 0 for all ``windows`` ([n, seqlen] token ids) plus per-layer kwargs."""
+    if windows.shape[0] % batch_size:
+        batch_size = _largest_divisor(windows.shape[0], batch_size)
+    decoder = get_submodule(model, spec.decoder)
+    layers = decoder_layers(model, spec)
+    originals = list(layers)
+    hidden, layer_kwargs = [], None
+    others = [m for name, m in decoder.named_children() if m is not layers]
+    with contextlib.ExitStack() as stack:
+        for m in others:
+            stack.enter_context(on_device(m, device))
+        for i in range(0, windows.shape[0], batch_size):
+            sinks = [[] for _ in originals]
+            for j, layer in enumerate(originals):
+                layers[j] = _Recorder(layer, sinks[j])
+            try:
+                decoder(input_ids=windows[i : i + batch_size].to(device), use_cache=False)
+            finally:
+                for j, layer in enumerate(originals):
+                    layers[j] = layer
+            hidden.append(sinks[0][0][0])
+            if layer_kwargs is None:
+                layer_kwargs = [sink[0][1] for sink in sinks]
+    return Activations(torch.cat(hidden), layer_kwargs, batch_size)
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+    return max(d for d in range(1, at_most + 1) if n % d == 0)
+
+
+@torch.inference_mode()
+def forward_layer(layer: nn.Module, acts: Activations, index: int) -> torch.Tensor:
+    """Outputs of ``layer`` for every cached input (the next layer's inputs)."""
+    out = torch.empty_like(acts.hidden)
+    for b in acts.batches():
+        y = layer(acts.hidden[b], **acts.layer_kwargs[index])
+        out[b] = y[0] if isinstance(y, tuple) else y
+    return out
+
+
+@torch.inference_mode()
+def collect_statistics(
+    layer: nn.Module, acts: Activations, index: int, inputs: dict[str, nn.Linear], hessian: bool
+) -> tuple[dict[str, InputStatistics], torch.Tensor]:
+    """One hooked forward of ``layer``: statistics of each given linear's input, and the layer outputs."""
+    stats = {name: InputStatistics.empty(lin.in_features, hessian, lin.weight.device) for name, lin in inputs.items()}
+    handles = [
+        lin.register_forward_hook(lambda mod, args, out, s=stats[name]: s.update(args[0]))
+        for name, lin in inputs.items()
+    ]
+    try:
+        out = forward_layer(layer, acts, index)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats, out

@@ -1,0 +1,158 @@
+"""``PrunedConfig``: every option of a prune, validated, and saved as the ``mosaic_config.json`` sidecar.
+
+Mosaic (Eccles, Wong, Varghese, arXiv 2504.06323) allocates a sparsity to every (layer, projection) pair
+from the projection outlier distribution, then prunes each projection with a layer-wise method.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from .architectures import PROJECTIONS
+
+FORMAT_VERSION = 1
+SIDECAR_NAME = "mosaic_config.json"
+AUTO = "auto"
+PAPER_LAMDA = 0.08  # λ of the paper's README example
+PAPER_OUTLIER_THRESHOLD = 5.0  # M of the paper's README example (its argparse default is 3)
+_NM = re.compile(r"^(\d+):(\d+)$")
+
+
+@dataclass
+class PrunedConfig:
+    """Options of one prune. See the field help texts; ``optimum-mosaic prune --help`` prints them."""
+
+    sparsity: float | None = field(
+        default=None,
+        metadata={"help": "Target fraction of zeros among the prunable weights, in (0, 1). Default 0.5, or N/M for an N:M pattern."},
+    )
+    allocation: str | None = field(
+        default=None,
+        metadata={"help": "How sparsity is spread: uniform | layer (OWL) | projection (Mosaic POD) | projection_official. Default projection (uniform for N:M)."},
+    )
+    pruner: str = field(default="sparsegpt", metadata={"help": "Unstructured method: magnitude | wanda | sparsegpt."})
+    pattern: str = field(
+        default="unstructured",
+        metadata={"help": "'unstructured', or 'N:M' = N zeros in every M consecutive input weights (e.g. 2:4)."},
+    )
+    lamda: float | str | None = field(
+        default=None,
+        metadata={"help": "λ: half-width of the sparsity band [S-λ, S+λ], or 'auto' (searched on held-out calibration windows). Default 'auto' for projection, 0.08 otherwise."},
+    )
+    outlier_threshold: float | str | None = field(
+        default=None,
+        metadata={"help": "M: a Wanda score counts as an outlier above M x the mean, or 'auto'. Default 'auto' for projection, 5 otherwise."},
+    )
+    nsamples: int = field(default=128, metadata={"help": "Number of calibration windows."})
+    seqlen: int = field(default=2048, metadata={"help": "Tokens per calibration window."})
+    seed: int = field(default=0, metadata={"help": "Seed of the calibration window sampler."})
+    targets: list[str] = field(
+        default_factory=lambda: list(PROJECTIONS),
+        metadata={"help": "Projections to prune (canonical keys q k v o gate up down)."},
+    )
+    ignore: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Regular expressions; linear modules whose full name matches one are left dense."},
+    )
+    dampening: float = field(default=0.01, metadata={"help": "SparseGPT: dampening added to diag(H), as a fraction of its mean."})
+    block_size: int = field(default=128, metadata={"help": "SparseGPT: columns per lazy-update block."})
+    search_samples: int = field(
+        default=8, metadata={"help": "Extra held-out calibration windows that score the 'auto' λ/M candidates."}
+    )
+    format_version: int = field(default=FORMAT_VERSION, metadata={"help": "Version of the sidecar format."})
+
+    def __post_init__(self) -> None:
+        nm = self.nm
+        if self.allocation is None:
+            self.allocation = "uniform" if nm else "projection"
+        if self.sparsity is None:
+            self.sparsity = nm[0] / nm[1] if nm else 0.5
+        projection = self.allocation.startswith("projection") and self.allocation != "projection_official"
+        if self.lamda is None:
+            self.lamda = AUTO if projection else PAPER_LAMDA
+        if self.outlier_threshold is None:
+            self.outlier_threshold = AUTO if projection else PAPER_OUTLIER_THRESHOLD
+        self._validate()
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        """``(N, M)`` for an N:M pattern, ``None`` for unstructured."""
+        if self.pattern == "unstructured":
+            return None
+        match = _NM.match(str(self.pattern))
+        if not match:
+            raise ValueError(f"pattern must be 'unstructured' or 'N:M' such as '2:4', got {self.pattern!r}")
+        n, m = int(match[1]), int(match[2])
+        if not 0 < n < m:
+            raise ValueError(f"pattern {self.pattern!r}: N:M needs 0 < N < M (N zeros in every M weights)")
+        return n, m
+
+    @property
+    def search_grid(self) -> bool:
+        return AUTO in (self.lamda, self.outlier_threshold)
+
+    def _validate(self) -> None:
+        from .registry import list_methods
+
+        _check(0.0 < float(self.sparsity) < 1.0, "sparsity", f"must be in (0, 1), got {self.sparsity}")
+        nm = self.nm
+        if nm and abs(self.sparsity - nm[0] / nm[1]) > 1e-9:
+            raise ValueError(f"sparsity: pattern {self.pattern} fixes the sparsity to N/M = {nm[0] / nm[1]:g}, got {self.sparsity}")
+        _check(self.allocation in list_methods("allocation"), "allocation", f"must be one of {list_methods('allocation')}, got {self.allocation!r}")
+        if nm and self.allocation != "uniform":
+            raise ValueError("allocation: an N:M pattern fixes every projection's sparsity, so allocation must be 'uniform'")
+        _check(self.pruner in list_methods("unstructured"), "pruner", f"must be one of {list_methods('unstructured')}, got {self.pruner!r}")
+        if self.lamda != AUTO:
+            self.lamda = float(self.lamda)
+            _check(0.0 <= self.lamda < 0.5, "lamda", f"must be 'auto' or in [0, 0.5), got {self.lamda}")
+        if self.outlier_threshold != AUTO:
+            self.outlier_threshold = float(self.outlier_threshold)
+            _check(self.outlier_threshold > 1.0, "outlier_threshold", f"must be 'auto' or > 1, got {self.outlier_threshold}")
+        for name in ("nsamples", "seqlen", "block_size", "search_samples"):
+            _check(int(getattr(self, name)) >= (2 if name == "seqlen" else 1), name, f"must be a positive integer, got {getattr(self, name)}")
+        _check(self.dampening > 0, "dampening", f"must be > 0, got {self.dampening}")
+        unknown = sorted(set(self.targets) - set(PROJECTIONS))
+        _check(not unknown and self.targets, "targets", f"must be a non-empty subset of {list(PROJECTIONS)}, got unknown {unknown}")
+        for pattern in self.ignore:
+            re.compile(pattern)
+        _check(self.format_version == FORMAT_VERSION, "format_version", f"this version of optimum-mosaic reads format {FORMAT_VERSION}, got {self.format_version}; upgrade optimum-mosaic")
+
+    # -- JSON ---------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PrunedConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown PrunedConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> PrunedConfig:
+        """Read the ``config`` part of a checkpoint's ``mosaic_config.json``."""
+        return cls.from_dict(read_sidecar(directory)["config"])
+
+
+def _check(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}: {message}")
+
+
+def read_sidecar(directory: str | Path) -> dict:
+    path = Path(directory) / SIDECAR_NAME
+    if not path.is_file():
+        from .exceptions import CheckpointMismatchError
+
+        raise CheckpointMismatchError(f"{path} is missing: this is not an optimum-mosaic checkpoint (prune it with Pruner.prune first)")
+    data = json.loads(path.read_text())
+    version = data.get("format_version")
+    if version != FORMAT_VERSION:
+        from .exceptions import CheckpointMismatchError
+
+        raise CheckpointMismatchError(f"{path} has format_version {version!r}; this optimum-mosaic reads {FORMAT_VERSION}. Upgrade optimum-mosaic.")
+    return data

