@@ -32,6 +32,8 @@ class ArchSpec:
     layers: str  # path of the ModuleList of decoder layers, from the CausalLM
     decoder: str  # path of the base model (embeddings + layers + final norm)
     projections: dict[str, str] = field(default_factory=lambda: dict(_LLAMA_PATHS))
+    attention: str = "self_attn"  # module holding head_dim and num_key_value_groups
+    mlp: str = "mlp"
     # projections that read the same input tensor share calibration statistics
     input_groups: tuple[tuple[str, ...], ...] = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
 
@@ -46,6 +48,11 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "gemma": _LLAMA,
     "gemma2": _LLAMA,
     "gemma3_text": _LLAMA,
+    # structurally pruned checkpoints (optimum_mosaic.models)
+    "mosaic_llama": _LLAMA,
+    "mosaic_mistral": _LLAMA,
+    "mosaic_qwen2": _LLAMA,
+    "mosaic_qwen3": _LLAMA,
 }
 
 

@@ -46,6 +46,14 @@ class PrunedConfig:
         default=None,
         metadata={"help": "M: a Wanda score counts as an outlier above M x the mean, or 'auto'. Default 'auto' for projection, 5 otherwise."},
     )
+    structured_sparsity: float = field(
+        default=0.0,
+        metadata={"help": "β: fraction of the prunable parameters removed as whole units (MLP channels, attention heads) before unstructured pruning; composite when 0 < β < sparsity."},
+    )
+    structured_units: list[str] = field(
+        default_factory=lambda: ["mlp", "attention"],
+        metadata={"help": "Units structured pruning may remove: mlp (channels) and/or attention (heads, whole GQA groups)."},
+    )
     nsamples: int = field(default=128, metadata={"help": "Number of calibration windows."})
     seqlen: int = field(default=2048, metadata={"help": "Tokens per calibration window."})
     seed: int = field(default=0, metadata={"help": "Seed of the calibration window sampler."})
@@ -111,6 +119,12 @@ class PrunedConfig:
         if self.outlier_threshold != AUTO:
             self.outlier_threshold = float(self.outlier_threshold)
             _check(self.outlier_threshold > 1.0, "outlier_threshold", f"must be 'auto' or > 1, got {self.outlier_threshold}")
+        _check(0.0 <= float(self.structured_sparsity) <= self.sparsity, "structured_sparsity",
+               f"must be in [0, sparsity={self.sparsity}], got {self.structured_sparsity}")
+        if nm and self.structured_sparsity:
+            raise ValueError("structured_sparsity: N:M patterns cannot be combined with structured removal")
+        bad_units = sorted(set(self.structured_units) - {"mlp", "attention"})
+        _check(not bad_units and self.structured_units, "structured_units", f"must be a non-empty subset of ['mlp', 'attention'], got {self.structured_units}")
         for name in ("nsamples", "seqlen", "block_size", "search_samples"):
             _check(int(getattr(self, name)) >= (2 if name == "seqlen" else 1), name, f"must be a positive integer, got {getattr(self, name)}")
         _check(self.dampening > 0, "dampening", f"must be > 0, got {self.dampening}")

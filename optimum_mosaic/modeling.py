@@ -24,15 +24,16 @@ class PrunedModelForCausalLM:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from .serialization import linear_shapes
+        from .serialization import linear_summary
 
         sidecar = read_sidecar(path)
         _check_weight_files(Path(path))
         kwargs.setdefault("dtype", torch.float32)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        _check_shapes(Path(path), sidecar["shapes"], linear_shapes(model))
+        shapes, zeros = linear_summary(model)
+        _check_shapes(Path(path), sidecar["shapes"], shapes)
         if check_sparsity and "quantization_config" not in kwargs:
-            _check_sparsity(Path(path), model, sidecar["report"]["per_projection"])
+            _check_zeros(Path(path), sidecar["zeros"], zeros)
         model.mosaic_config = PrunedConfig.from_dict(sidecar["config"])
         model.mosaic_sidecar = sidecar
         return model
@@ -69,18 +70,10 @@ def _check_shapes(path: Path, expected: dict, found: dict) -> None:
         )
 
 
-def _check_sparsity(path: Path, model, per_projection: dict, tol: float = 1e-6) -> None:
-    from .architectures import decoder_layers, get_arch_spec, layer_projections
-
-    spec = get_arch_spec(model)
-    layers = decoder_layers(model, spec)
-    for layer, projs in per_projection.items():
-        lins = layer_projections(layers[int(layer)], spec, list(projs))
-        for proj, recorded in projs.items():
-            weight = lins[proj].weight
-            found = (weight == 0).sum().item() / weight.numel()
-            if abs(found - recorded) > tol:
-                raise CheckpointMismatchError(
-                    f"layer {layer} {proj}: {path / SIDECAR_NAME} records sparsity {recorded:.6f} but the "
-                    f"weights have {found:.6f}. The safetensors file was modified or belongs to another prune."
-                )
+def _check_zeros(path: Path, expected: dict, found: dict) -> None:
+    for name, count in expected.items():
+        if found.get(name) != count:
+            raise CheckpointMismatchError(
+                f"{name}: {path / SIDECAR_NAME} records {count} zero weights but the weights in {path} have "
+                f"{found.get(name)}. The safetensors file was modified or belongs to another prune."
+            )

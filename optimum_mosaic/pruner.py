@@ -18,7 +18,9 @@ from .calibration.layerwise import Activations, capture, collect_statistics, for
 from .calibration.statistics import InputStatistics
 from .configuration import AUTO, PrunedConfig
 from .evaluation import mean_nll
+from .models import fit_config_to_shapes
 from .registry import get_method
+from .structured.composite import remainder_plan, remove_empty_units, shrink_by_plan
 from .report import PruningReport, Targets, achieved, count_zeros, prunable_numel
 
 logger = logging.get_logger(__name__)
@@ -59,20 +61,30 @@ class Pruner:
         targets = self._targets(config)
         allocator = get_method("allocation", config.allocation)
         kernel = get_method("unstructured", config.pruner)
-        profile = OutlierProfile(prunable_numel(targets))
+        dense_numel = prunable_numel(targets)
+        profile = OutlierProfile(dense_numel)
         acts, heldout, dense_stats = None, None, {}
-        if allocator.needs or kernel.needs:
+        structured = config.structured_sparsity > 0
+        if allocator.needs or kernel.needs or structured:
             acts, heldout = self._calibrate(config, calibration_dataset, batch_size)
         clock["calibration"] = time.perf_counter()
-        if "outliers" in allocator.needs:
+        if "outliers" in allocator.needs or structured:
             thresholds = THRESHOLD_GRID if config.outlier_threshold == AUTO else [config.outlier_threshold]
             dense_stats = self._outlier_pass(acts.clone(), targets, profile, thresholds)
         clock["outliers"] = time.perf_counter()
         plan, lamda, threshold, table = self._allocate(config, allocator, profile, targets, dense_stats, heldout, batch_size)
         clock["allocation"] = time.perf_counter()
+        if structured:
+            shrink_by_plan(self.model, self.spec, dense_stats, plan, config.structured_sparsity, config.structured_units)
+            targets = self._targets(config)
+            plan = remainder_plan(plan, dense_numel, prunable_numel(targets), config.sparsity)
+        clock["structured"] = time.perf_counter()
         self._prune_layers(acts, targets, plan, kernel, config)
+        remove_empty_units(self.model, self.spec)
+        fit_config_to_shapes(self.model)
+        targets = self._targets(config)
         clock["prune"] = time.perf_counter()
-        self.report = self._build_report(config, targets, plan, lamda, threshold, table, acts, clock)
+        self.report = self._build_report(config, targets, dense_numel, plan, lamda, threshold, table, acts, clock)
         self.model.mosaic_report = self.report
         self.model.mosaic_config = config
         if save_directory is not None:
@@ -187,9 +199,13 @@ class Pruner:
                 if kernel.needs and idx < last:
                     acts.hidden = forward_layer(layer, acts, idx)
 
-    def _build_report(self, config, targets, plan, lamda, threshold, table, acts, clock) -> PruningReport:
-        glob, per_projection, per_layer, per_type = achieved(count_zeros(targets))
-        planned = plan.global_sparsity()
+    def _build_report(self, config, targets, dense_numel, plan, lamda, threshold, table, acts, clock) -> PruningReport:
+        counts = count_zeros(targets, dense_numel)
+        glob, per_projection, per_layer, per_type = achieved(counts)
+        dense_total = sum(dense_numel.values())
+        removed = dense_total - sum(prunable_numel(targets).values())
+        kept = sum(plan.numel.values())  # the plan covers what structured pruning left
+        planned = (plan.global_sparsity() * kept + dense_total - kept) / dense_total
         notes = []
         if abs(planned - config.sparsity) > 1e-3:
             notes.append(f"the {config.allocation} plan averages {planned:.4f}, not the target {config.sparsity}")
@@ -198,7 +214,8 @@ class Pruner:
             notes.append(f"SparseGPT needed more dampening for {self._dampening}")
         t = clock
         timings = {"calibration_s": t["calibration"] - t["start"], "outlier_profile_s": t["outliers"] - t["calibration"],
-                   "allocation_s": t["allocation"] - t["outliers"], "prune_s": t["prune"] - t["allocation"],
+                   "allocation_s": t["allocation"] - t["outliers"], "structured_s": t["structured"] - t["allocation"],
+                   "prune_s": t["prune"] - t["structured"],
                    "total_s": t["prune"] - t["start"]}
         return PruningReport(
             target_sparsity=config.sparsity, planned_sparsity=round(planned, 6), achieved_sparsity=round(glob, 6),
@@ -206,4 +223,6 @@ class Pruner:
             lamda=None if lamda == AUTO else lamda, outlier_threshold=None if threshold == AUTO else threshold,
             search=table, calibration=getattr(self, "_calibration", {}) if acts is not None else {},
             timings={k: round(v, 3) for k, v in timings.items()}, notes=notes,
+            structured_sparsity=round(removed / dense_total, 6),
+            layer_shapes=getattr(self.model.config, "layer_shapes", None),
         )

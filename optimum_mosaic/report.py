@@ -25,18 +25,24 @@ class PruningReport:
     calibration: dict = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    structured_sparsity: float = 0.0  # fraction of the prunable parameters removed as whole units
+    layer_shapes: list[dict] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def count_zeros(targets: Targets) -> dict[tuple[int, str], tuple[int, int]]:
-    """``{(layer, projection): (zeros, numel)}`` of the current weights."""
-    return {
-        (layer, proj): (int((lin.weight == 0).sum().item()), lin.weight.numel())
-        for layer, projs in targets.items()
-        for proj, lin in projs.items()
-    }
+def count_zeros(targets: Targets, dense_numel: dict | None = None) -> dict[tuple[int, str], tuple[int, int]]:
+    """``{(layer, projection): (zeros, numel)}``; with ``dense_numel``, weights removed by structured
+    pruning count as zeros of the dense projection."""
+    counts = {}
+    for layer, projs in targets.items():
+        for proj, lin in projs.items():
+            zeros, numel = int((lin.weight == 0).sum().item()), lin.weight.numel()
+            if dense_numel is not None:
+                zeros, numel = zeros + dense_numel[(layer, proj)] - numel, dense_numel[(layer, proj)]
+            counts[(layer, proj)] = (zeros, numel)
+    return counts
 
 
 def achieved(counts: dict[tuple[int, str], tuple[int, int]]) -> tuple[float, dict, dict, dict]:

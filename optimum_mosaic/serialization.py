@@ -43,16 +43,17 @@ def versions() -> dict[str, str]:
     return {"optimum_mosaic": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def linear_shapes(model) -> dict[str, list[int]]:
-    """``{module name: [out, in]}`` for every prunable projection of the decoder layers."""
+def linear_summary(model) -> tuple[dict[str, list[int]], dict[str, int]]:
+    """``({module name: [out, in]}, {module name: exact zeros})`` for every projection of the decoder layers."""
     from .architectures import PROJECTIONS, decoder_layers, get_arch_spec, layer_projections
 
     spec = get_arch_spec(model)
-    return {
-        f"{spec.layers}.{idx}.{spec.projections[p]}": list(lin.weight.shape)
-        for idx, layer in enumerate(decoder_layers(model, spec))
-        for p, lin in layer_projections(layer, spec, PROJECTIONS).items()
-    }
+    shapes, zeros = {}, {}
+    for idx, layer in enumerate(decoder_layers(model, spec)):
+        for p, lin in layer_projections(layer, spec, PROJECTIONS).items():
+            name = f"{spec.layers}.{idx}.{spec.projections[p]}"
+            shapes[name], zeros[name] = list(lin.weight.shape), int((lin.weight == 0).sum().item())
+    return shapes, zeros
 
 
 def save_pruned(model, tokenizer, directory, config, report) -> Path:
@@ -61,11 +62,13 @@ def save_pruned(model, tokenizer, directory, config, report) -> Path:
 
     from .configuration import FORMAT_VERSION, SIDECAR_NAME
 
+    shapes, zeros = linear_summary(model)
     sidecar = {
         "format_version": FORMAT_VERSION,
         "config": config.to_dict(),
         "report": report.to_dict(),
-        "shapes": linear_shapes(model),
+        "shapes": shapes,
+        "zeros": zeros,
         "versions": versions(),
     }
     with atomic_directory(directory) as staging:

@@ -61,9 +61,9 @@ def test_mismatched_shapes_name_the_file(saved, tmp_path):
 def test_changed_weights_are_detected(saved, tmp_path):
     bad = _copy(saved[1], tmp_path)
     sidecar = json.loads((bad / "mosaic_config.json").read_text())
-    sidecar["report"]["per_projection"]["2"]["v"] = 0.1
+    sidecar["zeros"]["model.layers.2.self_attn.v_proj"] -= 1
     (bad / "mosaic_config.json").write_text(json.dumps(sidecar))
-    with pytest.raises(CheckpointMismatchError, match="layer 2 v"):
+    with pytest.raises(CheckpointMismatchError, match="model.layers.2.self_attn.v_proj: .* records"):
         PrunedModelForCausalLM.from_pretrained(bad)
 
 

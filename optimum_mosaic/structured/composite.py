@@ -1,0 +1,59 @@
+"""Composite pruning: remove β of the prunable parameters as whole units first, then leave the rest
+of the target S to unstructured pruning; afterwards drop units that unstructured pruning emptied."""
+
+from __future__ import annotations
+
+import torch
+
+from ..allocation.fit import fit_to_target
+from ..architectures import PROJECTIONS, ArchSpec, decoder_layers, layer_projections
+from ..plan import SparsityPlan
+from . import apply_cuts, choose_units, model_shapes, plan_cuts
+
+
+def shrink_by_plan(model, spec: ArchSpec, dense_stats: dict, plan: SparsityPlan, beta: float, units) -> None:
+    """Remove units layer by layer, ``plan`` deciding how much each layer gives up (see ``budget``)."""
+    layers = decoder_layers(model, spec)
+    full = {i for i in range(len(layers)) if all((i, p) in dense_stats for p in PROJECTIONS)}
+    cuts = plan_cuts(plan, {i: s for i, s in model_shapes(model, spec).items() if i in full}, beta, units)
+    for idx, cut in cuts.items():
+        stats = {p: dense_stats[(idx, p)] for p in PROJECTIONS}
+        apply_cuts(layers[idx], spec, choose_units(layers[idx], spec, stats, cut))
+
+
+def remainder_plan(plan: SparsityPlan, dense_numel: dict, numel: dict, sparsity: float) -> SparsityPlan:
+    """Unstructured sparsity for what structured pruning left, so the total over the dense model is S.
+
+    Projection (l, p) should end with ``s_lp · n_lp`` zeros of its dense ``n_lp`` weights; ``n_lp − n'_lp``
+    are already gone, so ``s'_lp = (s_lp n_lp − (n_lp − n'_lp)) / n'_lp``, then fitted to the exact
+    remaining target ``(S·N − R) / (N − R)``.
+    """
+    removed = sum(dense_numel[k] - numel[k] for k in numel)
+    total = sum(dense_numel[k] for k in numel)
+    target = (sparsity * total - removed) / (total - removed)
+    if target <= 0:
+        return SparsityPlan({k: 0.0 for k in numel}, numel)
+    raw = {k: (plan[k] * dense_numel[k] - (dense_numel[k] - numel[k])) / numel[k] for k in numel}
+    return fit_to_target(raw, numel, target, lo=0.0, hi=0.98)
+
+
+@torch.no_grad()
+def remove_empty_units(model, spec: ArchSpec) -> int:
+    """Lossless clean-up: drop MLP channels with an all-zero gate row, up row or down column, and
+    key/value groups whose v rows are all zero (their heads output exactly zero). Zero q/k rows do not
+    make a head removable: the softmax of zero scores is uniform, not zero. Returns parameters removed."""
+    before = sum(p.numel() for p in model.parameters())
+    for layer in decoder_layers(model, spec):
+        p = layer_projections(layer, spec)
+        if any(p[k].bias is not None for k in ("gate", "up", "down", "v")):
+            continue
+        live = (p["gate"].weight != 0).any(1) & (p["up"].weight != 0).any(1) & (p["down"].weight != 0).any(0)
+        head_dim = layer.get_submodule(spec.attention).head_dim
+        live_groups = (p["v"].weight != 0).view(-1, head_dim * p["v"].in_features).any(1)
+        if live.all() and live_groups.all() or not live.any() or not live_groups.any():
+            continue
+        n_rep = p["q"].out_features // p["v"].out_features
+        groups = torch.nonzero(live_groups).flatten()
+        heads = (groups.view(-1, 1) * n_rep + torch.arange(n_rep)).flatten()
+        apply_cuts(layer, spec, {"channels": torch.nonzero(live).flatten(), "heads": heads, "groups": groups})
+    return before - sum(p.numel() for p in model.parameters())
