@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from optimum_mosaic import Pruner, PrunedConfig, perplexity
+from optimum_mosaic import PrunedConfig, Pruner, perplexity
 from optimum_mosaic.report import format_table
 
 RUNS = {
@@ -33,30 +33,49 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.6, 0.7])
     parser.add_argument("--runs", nargs="+", default=list(RUNS))
-    parser.add_argument("--backends", nargs="+", default=["wanda", "magnitude"], help="extra back-ends, uniform at the first sparsity")
+    parser.add_argument(
+        "--backends", nargs="+", default=["wanda", "magnitude"], help="extra back-ends, uniform at the first sparsity"
+    )
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=40)
     parser.add_argument("--out", default="benchmarks/results/allocation_table.json")
+    parser.add_argument("--resume", action="store_true", help="keep the rows already in --out, run the missing ones")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     pruner = Pruner.from_pretrained(args.model)
     dense = {k: v.clone() for k, v in pruner.model.state_dict().items()}
-    evaluate = lambda: perplexity(pruner.model, pruner.tokenizer, seqlen=args.seqlen, max_windows=args.eval_windows, progress=False)  # noqa: E731
-    rows = [{"run": "dense", "pruner": "-", "sparsity": 0.0, "ppl": evaluate()}]
-    print(rows[0], flush=True)
+    evaluate = lambda: perplexity(
+        pruner.model, pruner.tokenizer, seqlen=args.seqlen, max_windows=args.eval_windows, progress=False
+    )  # noqa: E731
+    rows = json.loads(Path(args.out).read_text())["rows"] if args.resume and Path(args.out).exists() else []
+    if not rows:
+        rows = [{"run": "dense", "pruner": "-", "sparsity": 0.0, "ppl": evaluate()}]
+        print(rows[0], flush=True)
+    done = {(r["run"], r["pruner"], r["sparsity"]) for r in rows}
     jobs = [(name, "sparsegpt", s) for s in args.sparsities for name in args.runs]
-    jobs += [("uniform", b, args.sparsities[0]) for b in args.backends]
+    jobs += [("uniform", b, args.sparsities[-1]) for b in args.backends]
+    jobs = [job for job in jobs if job not in done]
     for name, backend, sparsity in jobs:
         pruner.model.load_state_dict(dense)
-        config = PrunedConfig(sparsity=sparsity, pruner=backend, nsamples=args.nsamples, seqlen=args.seqlen, **RUNS[name])
+        config = PrunedConfig(
+            sparsity=sparsity, pruner=backend, nsamples=args.nsamples, seqlen=args.seqlen, **RUNS[name]
+        )
         start = time.perf_counter()
         pruner.prune(config)
         report = pruner.report
-        row = {"run": name, "pruner": backend, "sparsity": sparsity, "ppl": evaluate(),
-               "achieved": report.achieved_sparsity, "lamda": report.lamda, "M": report.outlier_threshold,
-               "prune_s": round(time.perf_counter() - start, 1), "search": report.search}
+        row = {
+            "run": name,
+            "pruner": backend,
+            "sparsity": sparsity,
+            "ppl": evaluate(),
+            "achieved": report.achieved_sparsity,
+            "lamda": report.lamda,
+            "M": report.outlier_threshold,
+            "prune_s": round(time.perf_counter() - start, 1),
+            "search": report.search,
+        }
         rows.append(row)
         print({k: v for k, v in row.items() if k != "search"}, flush=True)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -46,7 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--output", default=None, help="directory to save the pruned checkpoint")
     prune.add_argument("--device", default=None, help="execution device for the layer walk (cpu, cuda)")
     prune.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward")
-    prune.add_argument("--eval-windows", type=int, default=0, help="evaluate perplexity before and after on this many windows of held-out text (0: skip)")
+    prune.add_argument(
+        "--eval-windows",
+        type=int,
+        default=0,
+        help="evaluate perplexity before and after on this many windows of held-out text (0: skip)",
+    )
     add_config_arguments(prune)
     ev = sub.add_parser("eval", help="perplexity of a model on held-out text")
     ev.add_argument("--model", default="smollm2-135m")
@@ -75,13 +80,26 @@ def run_prune(args) -> dict:
     elapsed = time.perf_counter() - start
     report = pruner.report
     after = evaluate() if args.eval_windows else None
-    print(f"\nPruned {args.model}: {config.allocation} allocation (λ={report.lamda}, M={report.outlier_threshold}), "
-          f"{config.pruner}, calibration {config.nsamples} x {config.seqlen} tokens, "
-          f"evaluation {args.eval_windows} x {config.seqlen} tokens of held-out text, {torch.get_num_threads()} threads")
+    print(
+        f"\nPruned {args.model}: {config.allocation} allocation (λ={report.lamda}, M={report.outlier_threshold}), "
+        f"{config.pruner}, calibration {config.nsamples} x {config.seqlen} tokens, "
+        f"evaluation {args.eval_windows} x {config.seqlen} tokens of held-out text, {torch.get_num_threads()} threads"
+    )
     rows = [
-        {"model": "dense", "sparsity": 0.0, "non-zero params": dense_nonzero, "perplexity": before or "-", "time (s)": "-"},
-        {"model": "pruned", "sparsity": report.achieved_sparsity, "non-zero params": nonzero(),
-         "perplexity": after or "-", "time (s)": round(elapsed, 1)},
+        {
+            "model": "dense",
+            "sparsity": 0.0,
+            "non-zero params": dense_nonzero,
+            "perplexity": before or "-",
+            "time (s)": "-",
+        },
+        {
+            "model": "pruned",
+            "sparsity": report.achieved_sparsity,
+            "non-zero params": nonzero(),
+            "perplexity": after or "-",
+            "time (s)": round(elapsed, 1),
+        },
     ]
     print(format_table(rows, list(rows[0])))
     if args.output:

@@ -27,11 +27,15 @@ class PrunedConfig:
 
     sparsity: float | None = field(
         default=None,
-        metadata={"help": "Target fraction of zeros among the prunable weights, in (0, 1). Default 0.5, or N/M for an N:M pattern."},
+        metadata={
+            "help": "Target fraction of zeros among the prunable weights, in (0, 1). Default 0.5, or N/M for an N:M pattern."
+        },
     )
     allocation: str | None = field(
         default=None,
-        metadata={"help": "How sparsity is spread: uniform | layer (OWL) | projection (Mosaic POD) | projection_official. Default projection (uniform for N:M)."},
+        metadata={
+            "help": "How sparsity is spread: uniform | layer (OWL) | projection (Mosaic POD) | projection_official. Default projection (uniform for N:M)."
+        },
     )
     pruner: str = field(default="sparsegpt", metadata={"help": "Unstructured method: magnitude | wanda | sparsegpt."})
     pattern: str = field(
@@ -40,19 +44,29 @@ class PrunedConfig:
     )
     lamda: float | str | None = field(
         default=None,
-        metadata={"help": "λ: half-width of the sparsity band [S-λ, S+λ], or 'auto' (searched on held-out calibration windows). Default 'auto' for projection, 0.08 otherwise."},
+        metadata={
+            "help": "λ: sparsities stay in [S-|λ|, S+|λ|]; λ > 0 keeps more weights where outliers are denser "
+            "(the paper), λ < 0 the reverse; 'auto' searches both signs on held-out calibration windows. "
+            "Default 'auto' for projection, 0.08 otherwise."
+        },
     )
     outlier_threshold: float | str | None = field(
         default=None,
-        metadata={"help": "M: a Wanda score counts as an outlier above M x the mean, or 'auto'. Default 'auto' for projection, 5 otherwise."},
+        metadata={
+            "help": "M: a Wanda score counts as an outlier above M x the mean, or 'auto'. Default 'auto' for projection, 5 otherwise."
+        },
     )
     structured_sparsity: float = field(
         default=0.0,
-        metadata={"help": "β: fraction of the prunable parameters removed as whole units (MLP channels, attention heads) before unstructured pruning; composite when 0 < β < sparsity."},
+        metadata={
+            "help": "β: fraction of the prunable parameters removed as whole units (MLP channels, attention heads) before unstructured pruning; composite when 0 < β < sparsity."
+        },
     )
     structured_units: list[str] = field(
         default_factory=lambda: ["mlp", "attention"],
-        metadata={"help": "Units structured pruning may remove: mlp (channels) and/or attention (heads, whole GQA groups)."},
+        metadata={
+            "help": "Units structured pruning may remove: mlp (channels) and/or attention (heads, whole GQA groups)."
+        },
     )
     nsamples: int = field(default=128, metadata={"help": "Number of calibration windows."})
     seqlen: int = field(default=2048, metadata={"help": "Tokens per calibration window."})
@@ -65,7 +79,9 @@ class PrunedConfig:
         default_factory=list,
         metadata={"help": "Regular expressions; linear modules whose full name matches one are left dense."},
     )
-    dampening: float = field(default=0.01, metadata={"help": "SparseGPT: dampening added to diag(H), as a fraction of its mean."})
+    dampening: float = field(
+        default=0.01, metadata={"help": "SparseGPT: dampening added to diag(H), as a fraction of its mean."}
+    )
     block_size: int = field(default=128, metadata={"help": "SparseGPT: columns per lazy-update block."})
     search_samples: int = field(
         default=8, metadata={"help": "Extra held-out calibration windows that score the 'auto' λ/M candidates."}
@@ -108,31 +124,66 @@ class PrunedConfig:
         _check(0.0 < float(self.sparsity) < 1.0, "sparsity", f"must be in (0, 1), got {self.sparsity}")
         nm = self.nm
         if nm and abs(self.sparsity - nm[0] / nm[1]) > 1e-9:
-            raise ValueError(f"sparsity: pattern {self.pattern} fixes the sparsity to N/M = {nm[0] / nm[1]:g}, got {self.sparsity}")
-        _check(self.allocation in list_methods("allocation"), "allocation", f"must be one of {list_methods('allocation')}, got {self.allocation!r}")
+            raise ValueError(
+                f"sparsity: pattern {self.pattern} fixes the sparsity to N/M = {nm[0] / nm[1]:g}, got {self.sparsity}"
+            )
+        _check(
+            self.allocation in list_methods("allocation"),
+            "allocation",
+            f"must be one of {list_methods('allocation')}, got {self.allocation!r}",
+        )
         if nm and self.allocation != "uniform":
-            raise ValueError("allocation: an N:M pattern fixes every projection's sparsity, so allocation must be 'uniform'")
-        _check(self.pruner in list_methods("unstructured"), "pruner", f"must be one of {list_methods('unstructured')}, got {self.pruner!r}")
+            raise ValueError(
+                "allocation: an N:M pattern fixes every projection's sparsity, so allocation must be 'uniform'"
+            )
+        _check(
+            self.pruner in list_methods("unstructured"),
+            "pruner",
+            f"must be one of {list_methods('unstructured')}, got {self.pruner!r}",
+        )
         if self.lamda != AUTO:
             self.lamda = float(self.lamda)
-            _check(0.0 <= self.lamda < 0.5, "lamda", f"must be 'auto' or in [0, 0.5), got {self.lamda}")
+            _check(-0.5 < self.lamda < 0.5, "lamda", f"must be 'auto' or in (-0.5, 0.5), got {self.lamda}")
         if self.outlier_threshold != AUTO:
             self.outlier_threshold = float(self.outlier_threshold)
-            _check(self.outlier_threshold > 1.0, "outlier_threshold", f"must be 'auto' or > 1, got {self.outlier_threshold}")
-        _check(0.0 <= float(self.structured_sparsity) <= self.sparsity, "structured_sparsity",
-               f"must be in [0, sparsity={self.sparsity}], got {self.structured_sparsity}")
+            _check(
+                self.outlier_threshold > 1.0,
+                "outlier_threshold",
+                f"must be 'auto' or > 1, got {self.outlier_threshold}",
+            )
+        _check(
+            0.0 <= float(self.structured_sparsity) <= self.sparsity,
+            "structured_sparsity",
+            f"must be in [0, sparsity={self.sparsity}], got {self.structured_sparsity}",
+        )
         if nm and self.structured_sparsity:
             raise ValueError("structured_sparsity: N:M patterns cannot be combined with structured removal")
         bad_units = sorted(set(self.structured_units) - {"mlp", "attention"})
-        _check(not bad_units and self.structured_units, "structured_units", f"must be a non-empty subset of ['mlp', 'attention'], got {self.structured_units}")
+        _check(
+            not bad_units and self.structured_units,
+            "structured_units",
+            f"must be a non-empty subset of ['mlp', 'attention'], got {self.structured_units}",
+        )
         for name in ("nsamples", "seqlen", "block_size", "search_samples"):
-            _check(int(getattr(self, name)) >= (2 if name == "seqlen" else 1), name, f"must be a positive integer, got {getattr(self, name)}")
+            _check(
+                int(getattr(self, name)) >= (2 if name == "seqlen" else 1),
+                name,
+                f"must be a positive integer, got {getattr(self, name)}",
+            )
         _check(self.dampening > 0, "dampening", f"must be > 0, got {self.dampening}")
         unknown = sorted(set(self.targets) - set(PROJECTIONS))
-        _check(not unknown and self.targets, "targets", f"must be a non-empty subset of {list(PROJECTIONS)}, got unknown {unknown}")
+        _check(
+            not unknown and self.targets,
+            "targets",
+            f"must be a non-empty subset of {list(PROJECTIONS)}, got unknown {unknown}",
+        )
         for pattern in self.ignore:
             re.compile(pattern)
-        _check(self.format_version == FORMAT_VERSION, "format_version", f"this version of optimum-mosaic reads format {FORMAT_VERSION}, got {self.format_version}; upgrade optimum-mosaic")
+        _check(
+            self.format_version == FORMAT_VERSION,
+            "format_version",
+            f"this version of optimum-mosaic reads format {FORMAT_VERSION}, got {self.format_version}; upgrade optimum-mosaic",
+        )
 
     # -- JSON ---------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -162,11 +213,15 @@ def read_sidecar(directory: str | Path) -> dict:
     if not path.is_file():
         from .exceptions import CheckpointMismatchError
 
-        raise CheckpointMismatchError(f"{path} is missing: this is not an optimum-mosaic checkpoint (prune it with Pruner.prune first)")
+        raise CheckpointMismatchError(
+            f"{path} is missing: this is not an optimum-mosaic checkpoint (prune it with Pruner.prune first)"
+        )
     data = json.loads(path.read_text())
     version = data.get("format_version")
     if version != FORMAT_VERSION:
         from .exceptions import CheckpointMismatchError
 
-        raise CheckpointMismatchError(f"{path} has format_version {version!r}; this optimum-mosaic reads {FORMAT_VERSION}. Upgrade optimum-mosaic.")
+        raise CheckpointMismatchError(
+            f"{path} has format_version {version!r}; this optimum-mosaic reads {FORMAT_VERSION}. Upgrade optimum-mosaic."
+        )
     return data

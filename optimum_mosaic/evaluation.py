@@ -28,8 +28,15 @@ def mean_nll(model, windows: torch.Tensor, batch_size: int = 1, progress: bool =
     return total / windows.shape[0]
 
 
-def perplexity(model, tokenizer, text=None, seqlen: int = 2048, max_windows: int | None = None,
-               batch_size: int = 1, progress: bool = True) -> float:
+def perplexity(
+    model,
+    tokenizer,
+    text=None,
+    seqlen: int = 2048,
+    max_windows: int | None = None,
+    batch_size: int = 1,
+    progress: bool = True,
+) -> float:
     """Perplexity of ``model`` on ``text`` (default: the bundled evaluation novel, *Persuasion*)."""
     text = load_default_corpus("evaluation") if text is None else text
     windows = split_windows(tokenize(tokenizer, text), seqlen, bos_id(tokenizer))

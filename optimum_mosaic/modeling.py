@@ -59,8 +59,11 @@ def _check_weight_files(path: Path) -> None:
 
 
 def _check_shapes(path: Path, expected: dict, found: dict) -> None:
-    diff = {name: (expected.get(name), found.get(name)) for name in set(expected) | set(found)
-            if expected.get(name) != found.get(name)}
+    diff = {
+        name: (expected.get(name), found.get(name))
+        for name in set(expected) | set(found)
+        if expected.get(name) != found.get(name)
+    }
     if diff:
         name, (want, got) = sorted(diff.items())[0]
         raise CheckpointMismatchError(

@@ -11,17 +11,16 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from .allocation.outliers import OutlierProfile, wanda_scores
-from .allocation.search import THRESHOLD_GRID, search_allocation, search_grid
+from .allocation.search import search_allocation, search_grid, search_thresholds
 from .architectures import decoder_layers, get_arch_spec, layer_projections
 from .calibration.data import sample_windows
 from .calibration.layerwise import Activations, capture, collect_statistics, forward_layer, on_device
-from .calibration.statistics import InputStatistics
 from .configuration import AUTO, PrunedConfig
 from .evaluation import mean_nll
 from .models import fit_config_to_shapes
 from .registry import get_method
-from .structured.composite import remainder_plan, remove_empty_units, shrink_by_plan
 from .report import PruningReport, Targets, achieved, count_zeros, prunable_numel
+from .structured.composite import remainder_plan, remove_empty_units, shrink_by_plan
 
 logger = logging.get_logger(__name__)
 
@@ -53,8 +52,9 @@ class Pruner:
         return cls(model, AutoTokenizer.from_pretrained(path, **gguf), device)
 
     # -- the pipeline --------------------------------------------------------------------------
-    def prune(self, config: PrunedConfig | None = None, calibration_dataset=None, save_directory=None,
-              batch_size: int = 8):
+    def prune(
+        self, config: PrunedConfig | None = None, calibration_dataset=None, save_directory=None, batch_size: int = 8
+    ):
         """Prune the model in place as ``config`` says; return it (``model.mosaic_report`` holds the report)."""
         config = config or PrunedConfig()
         clock = {"start": time.perf_counter()}
@@ -68,14 +68,20 @@ class Pruner:
         if allocator.needs or kernel.needs or structured:
             acts, heldout = self._calibrate(config, calibration_dataset, batch_size)
         clock["calibration"] = time.perf_counter()
+        search = bool(allocator.needs) and config.search_grid
         if "outliers" in allocator.needs or structured:
-            thresholds = THRESHOLD_GRID if config.outlier_threshold == AUTO else [config.outlier_threshold]
-            dense_stats = self._outlier_pass(acts.clone(), targets, profile, thresholds)
+            thresholds = search_thresholds(kernel.needs) if config.outlier_threshold == AUTO else [config.outlier_threshold]
+            hessian = search and "hessian" in kernel.needs  # the search scores plans with the real kernel
+            dense_stats = self._outlier_pass(acts.clone(), targets, profile, thresholds, hessian)
         clock["outliers"] = time.perf_counter()
-        plan, lamda, threshold, table = self._allocate(config, allocator, profile, targets, dense_stats, heldout, batch_size)
+        plan, lamda, threshold, table = self._allocate(
+            config, allocator, kernel, profile, targets, dense_stats, heldout, batch_size
+        )
         clock["allocation"] = time.perf_counter()
         if structured:
-            shrink_by_plan(self.model, self.spec, dense_stats, plan, config.structured_sparsity, config.structured_units)
+            shrink_by_plan(
+                self.model, self.spec, dense_stats, plan, config.structured_sparsity, config.structured_units
+            )
             targets = self._targets(config)
             plan = remainder_plan(plan, dense_numel, prunable_numel(targets), config.sparsity)
         clock["structured"] = time.perf_counter()
@@ -100,8 +106,11 @@ class Pruner:
         targets = {}
         for idx, layer in enumerate(layers):
             projs = layer_projections(layer, self.spec, config.targets)
-            keep = {p: lin for p, lin in projs.items()
-                    if not any(r.search(f"{prefix}.{idx}.{self.spec.projections[p]}") for r in ignore)}
+            keep = {
+                p: lin
+                for p, lin in projs.items()
+                if not any(r.search(f"{prefix}.{idx}.{self.spec.projections[p]}") for r in ignore)
+            }
             if keep:
                 targets[idx] = keep
         if not targets:
@@ -113,8 +122,13 @@ class Pruner:
             raise ValueError("calibration text needs a tokenizer: Pruner(model, tokenizer), or pass token ids")
         holdout = config.search_samples if config.search_grid and config.allocation.startswith("projection") else 0
         windows, heldout = sample_windows(self.tokenizer, data, config.nsamples, config.seqlen, config.seed, holdout)
-        self._calibration = {"nsamples": config.nsamples, "seqlen": config.seqlen, "seed": config.seed,
-                             "held_out": holdout, "source": "bundled Austen novels" if data is None else "user data"}
+        self._calibration = {
+            "nsamples": config.nsamples,
+            "seqlen": config.seqlen,
+            "seed": config.seed,
+            "held_out": holdout,
+            "source": "bundled Austen novels" if data is None else "user data",
+        }
         return capture(self.model, self.spec, windows, self.device, batch_size), heldout
 
     def _owners(self, idx: int, targets: Targets) -> dict[str, str]:
@@ -131,14 +145,15 @@ class Pruner:
         stats, out = collect_statistics(layer, acts, idx, hooked, hessian)
         return {p: stats[o] for p, o in owners.items()}, out
 
-    def _outlier_pass(self, acts: Activations, targets: Targets, profile: OutlierProfile, thresholds):
-        """Dense walk: Wanda scores of every projection → outlier ratios (profile updated in place)."""
+    def _outlier_pass(self, acts: Activations, targets: Targets, profile: OutlierProfile, thresholds, hessian=False):
+        """Dense walk: Wanda scores of every projection → outlier ratios (profile updated in place).
+        Returns the dense statistics (with Hessians when ``hessian``: Σ d_in² floats per layer)."""
         dense_stats = {}
         layers = decoder_layers(self.model, self.spec)
         for idx in tqdm(range(len(layers)), desc="Outlier profile"):
             with on_device(layers[idx], self.device):
                 if idx in targets:
-                    stats, out = self._layer_statistics(layers[idx], acts, idx, targets, hessian=False)
+                    stats, out = self._layer_statistics(layers[idx], acts, idx, targets, hessian)
                     scores = {p: wanda_scores(lin.weight, stats[p].sumsq) for p, lin in targets[idx].items()}
                     profile.add_layer(idx, scores, thresholds)
                     dense_stats.update({(idx, p): s for p, s in stats.items()})
@@ -147,21 +162,23 @@ class Pruner:
             acts.hidden = out
         return dense_stats
 
-    def _allocate(self, config, allocator, profile, targets, dense_stats, heldout, batch_size):
+    def _allocate(self, config, allocator, kernel, profile, targets, dense_stats, heldout, batch_size):
         if not allocator.needs:
             return allocator.fn(profile, config.sparsity), None, None, []
         lamda, threshold, table = config.lamda, config.outlier_threshold, []
         if config.search_grid:
-            candidates = search_grid(config.sparsity, lamda, threshold)
-            score = self._proxy_score(targets, dense_stats, heldout, batch_size)
+            candidates = search_grid(config.sparsity, lamda, threshold, kernel.needs)
+            score = self._proxy_score(kernel, config, targets, dense_stats, heldout, batch_size)
             lamda, threshold, table = search_allocation(allocator.fn, profile, config.sparsity, candidates, score)
             logger.info("λ/M search chose λ=%.3f M=%.1f", lamda, threshold)
         plan = allocator.fn(profile, config.sparsity, lamda=lamda, outlier_threshold=threshold)
         return plan, lamda, threshold, table
 
-    def _proxy_score(self, targets: Targets, dense_stats, heldout, batch_size):
-        """Score a plan cheaply: Wanda masks from dense statistics, mean NLL of held-out calibration windows."""
-        wanda = get_method("unstructured", "wanda").fn
+    def _proxy_score(self, kernel, config, targets: Targets, dense_stats, heldout, batch_size):
+        """Score a plan: prune every projection at once with the configured kernel on *dense* statistics
+        (no sequential re-calibration), then the mean NLL of held-out calibration windows. A Wanda proxy
+        for SparseGPT ranked plans differently on SmolLM2-135M, so the kernel itself is used."""
+        options = {"nm": config.nm, "dampening": config.dampening, "block_size": config.block_size}
 
         def score(plan) -> float:
             saved = {}
@@ -169,7 +186,7 @@ class Pruner:
                 for (idx, proj), s in plan.items():
                     weight = targets[idx][proj].weight
                     saved[(idx, proj)] = weight.detach().clone()
-                    weight.data.copy_(wanda(weight.data, dense_stats[(idx, proj)], s))
+                    weight.data.copy_(kernel.fn(weight.data, dense_stats[(idx, proj)], s, **options))
                 return mean_nll(self.model, heldout, batch_size)
             finally:
                 for (idx, proj), original in saved.items():
@@ -184,6 +201,8 @@ class Pruner:
         options = {"nm": config.nm, "dampening": config.dampening, "block_size": config.block_size}
         self._dampening = {}
         last = max(targets)
+        if all(s == 0 for s in plan.values()):
+            return  # structured pruning already removed everything the target asks for
         for idx in tqdm(range(last + 1), desc=f"Pruning ({config.pruner})"):
             layer = layers[idx]
             with on_device(layer, self.device):
@@ -209,20 +228,37 @@ class Pruner:
         notes = []
         if abs(planned - config.sparsity) > 1e-3:
             notes.append(f"the {config.allocation} plan averages {planned:.4f}, not the target {config.sparsity}")
-            logger.warning("Allocation %s drifts from the target: planned %.4f vs %.4f", config.allocation, planned, config.sparsity)
+            logger.warning(
+                "Allocation %s drifts from the target: planned %.4f vs %.4f",
+                config.allocation,
+                planned,
+                config.sparsity,
+            )
         if getattr(self, "_dampening", None):
             notes.append(f"SparseGPT needed more dampening for {self._dampening}")
         t = clock
-        timings = {"calibration_s": t["calibration"] - t["start"], "outlier_profile_s": t["outliers"] - t["calibration"],
-                   "allocation_s": t["allocation"] - t["outliers"], "structured_s": t["structured"] - t["allocation"],
-                   "prune_s": t["prune"] - t["structured"],
-                   "total_s": t["prune"] - t["start"]}
+        timings = {
+            "calibration_s": t["calibration"] - t["start"],
+            "outlier_profile_s": t["outliers"] - t["calibration"],
+            "allocation_s": t["allocation"] - t["outliers"],
+            "structured_s": t["structured"] - t["allocation"],
+            "prune_s": t["prune"] - t["structured"],
+            "total_s": t["prune"] - t["start"],
+        }
         return PruningReport(
-            target_sparsity=config.sparsity, planned_sparsity=round(planned, 6), achieved_sparsity=round(glob, 6),
-            per_projection=per_projection, per_layer=per_layer, per_type=per_type, plan=plan.to_dict(),
-            lamda=None if lamda == AUTO else lamda, outlier_threshold=None if threshold == AUTO else threshold,
-            search=table, calibration=getattr(self, "_calibration", {}) if acts is not None else {},
-            timings={k: round(v, 3) for k, v in timings.items()}, notes=notes,
+            target_sparsity=config.sparsity,
+            planned_sparsity=round(planned, 6),
+            achieved_sparsity=round(glob, 6),
+            per_projection=per_projection,
+            per_layer=per_layer,
+            per_type=per_type,
+            plan=plan.to_dict(),
+            lamda=None if lamda == AUTO else lamda,
+            outlier_threshold=None if threshold == AUTO else threshold,
+            search=table,
+            calibration=getattr(self, "_calibration", {}) if acts is not None else {},
+            timings={k: round(v, 3) for k, v in timings.items()},
+            notes=notes,
             structured_sparsity=round(removed / dense_total, 6),
             layer_shapes=getattr(self.model.config, "layer_shapes", None),
         )

@@ -10,9 +10,16 @@ VOCAB = 96
 
 
 def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
-    config = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  tie_word_embeddings=False)
+    config = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
     config.update(overrides)
     torch.manual_seed(seed)
     return LlamaForCausalLM(LlamaConfig(**config)).eval()

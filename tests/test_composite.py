@@ -8,7 +8,7 @@ import torch
 from conftest import char_tokenizer, tiny_llama, token_windows
 from transformers import AutoModelForCausalLM
 
-from optimum_mosaic import Pruner, PrunedConfig, PrunedModelForCausalLM
+from optimum_mosaic import PrunedConfig, PrunedModelForCausalLM, Pruner
 
 SMALL = dict(nsamples=8, seqlen=32, search_samples=4, block_size=32)
 X = token_windows(2, 20, seed=7)
@@ -91,7 +91,11 @@ def test_uniform_shapes_keep_the_plain_config(tmp_path):
 
 def test_structured_only_removes_parameters():
     model = composite(sparsity=0.3, structured_sparsity=0.3)
-    dense = sum(p.numel() for p in tiny_llama(num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=3,
-                                                  hidden_size=96).model.layers.parameters())
+    dense = sum(
+        p.numel()
+        for p in tiny_llama(
+            num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=3, hidden_size=96
+        ).model.layers.parameters()
+    )
     assert sum(p.numel() for p in model.model.layers.parameters()) < 0.8 * dense
     assert model.mosaic_report.achieved_sparsity == pytest.approx(0.3, abs=2e-3)

@@ -31,6 +31,7 @@ def test_nm_pattern_fixes_sparsity_and_uniform_allocation():
         (dict(allocation="global"), "allocation"),
         (dict(pruner="obc"), "pruner"),
         (dict(lamda=0.7), "lamda"),
+        (dict(lamda=-0.5), "lamda"),
         (dict(outlier_threshold=0.5), "outlier_threshold"),
         (dict(nsamples=0), "nsamples"),
         (dict(dampening=0), "dampening"),

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import char_tokenizer, tiny_llama, token_windows
 
-from optimum_mosaic import Pruner, PrunedConfig, PrunedModelForCausalLM
+from optimum_mosaic import PrunedConfig, PrunedModelForCausalLM, Pruner
 from optimum_mosaic.exceptions import CheckpointMismatchError
 from optimum_mosaic.serialization import atomic_directory
 
@@ -24,7 +24,7 @@ def saved(tmp_path_factory):
 def test_reload_is_exact(saved):
     model, path = saved
     reloaded = PrunedModelForCausalLM.from_pretrained(path)
-    for (name, a), (_, b) in zip(model.state_dict().items(), reloaded.state_dict().items()):
+    for (name, a), (_, b) in zip(model.state_dict().items(), reloaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     x = token_windows(2, 16, seed=9)
     with torch.no_grad():

@@ -5,7 +5,7 @@ import torch
 from conftest import char_tokenizer, tiny_llama, token_windows
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from optimum_mosaic import Pruner, PrunedConfig
+from optimum_mosaic import PrunedConfig, Pruner
 from optimum_mosaic.architectures import decoder_layers, get_arch_spec, layer_projections
 from optimum_mosaic.calibration.layerwise import capture, forward_layer
 from optimum_mosaic.exceptions import CalibrationError, UnsupportedArchitectureError
@@ -32,7 +32,7 @@ def test_contract_every_method(allocation, pruner):
         assert report.notes  # drift is reported, never silent
     assert all(torch.isfinite(p).all() for p in model.parameters())
     again = prune(tiny_llama(), sparsity=0.6, allocation=allocation, pruner=pruner)
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True))
 
 
 def test_capture_and_layer_walk_reproduce_the_model():
@@ -59,7 +59,9 @@ def test_pruning_is_sequential():
     manual = tiny_llama()
     manual.model.layers[0].self_attn.q_proj.weight.data.copy_(pruned_layer0)
     # with layer 0 pruned, Wanda on layer 1 must equal what the pipeline computes
-    full = prune(tiny_llama(), sparsity=0.5, allocation="uniform", pruner="wanda", targets=["q"], ignore=[r"layers\.2\."])
+    full = prune(
+        tiny_llama(), sparsity=0.5, allocation="uniform", pruner="wanda", targets=["q"], ignore=[r"layers\.2\."]
+    )
     spec = get_arch_spec(manual)
     acts = capture(manual, spec, windows, torch.device("cpu"), batch_size=4)
     acts.hidden = forward_layer(manual.model.layers[0], acts, 0)
@@ -73,8 +75,14 @@ def test_pruning_is_sequential():
 
 
 def test_targets_and_ignore_leave_other_layers_dense():
-    model = prune(tiny_llama(), sparsity=0.5, allocation="uniform", pruner="magnitude", targets=["gate", "up", "down"],
-                  ignore=[r"layers\.1\."])
+    model = prune(
+        tiny_llama(),
+        sparsity=0.5,
+        allocation="uniform",
+        pruner="magnitude",
+        targets=["gate", "up", "down"],
+        ignore=[r"layers\.1\."],
+    )
     assert (model.model.layers[0].self_attn.q_proj.weight != 0).all()
     assert (model.model.layers[1].mlp.up_proj.weight != 0).all()
     assert (model.model.layers[2].mlp.up_proj.weight == 0).float().mean() == pytest.approx(0.5, abs=1e-3)

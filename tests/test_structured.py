@@ -37,14 +37,20 @@ def test_shrunk_model_equals_masked_model(cut):
     shrunk, masked = tiny_llama(), tiny_llama()
     spec = get_arch_spec(shrunk)
     g = torch.Generator().manual_seed(0)
-    stats = {p: InputStatistics(sumsq=torch.rand(n, generator=g) + 0.1)
-             for p, n in {"q": 64, "k": 64, "gate": 64, "o": 64, "down": 128}.items()}
+    stats = {
+        p: InputStatistics(sumsq=torch.rand(n, generator=g) + 0.1)
+        for p, n in {"q": 64, "k": 64, "gate": 64, "o": 64, "down": 128}.items()
+    }
     for model in (shrunk, masked):
         layer = model.model.layers[1]
         keep = choose_units(layer, spec, stats, cut)
         apply_cuts(layer, spec, keep, physical=model is shrunk)
     shape = layer_shape(shrunk.model.layers[1], spec)
-    assert (shape.intermediate, shape.kv_heads, shape.heads) == (cut.channels, cut.groups, cut.groups * cut.heads_per_group)
+    assert (shape.intermediate, shape.kv_heads, shape.heads) == (
+        cut.channels,
+        cut.groups,
+        cut.groups * cut.heads_per_group,
+    )
     x = token_windows(2, 24)
     with torch.no_grad():
         torch.testing.assert_close(shrunk(x).logits, masked(x).logits, atol=1e-5, rtol=0)

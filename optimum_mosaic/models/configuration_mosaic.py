@@ -20,5 +20,9 @@ class MosaicQwen3Config(Qwen3Config):
     model_type = "mosaic_qwen3"
 
 
-MOSAIC_CONFIGS = {"llama": MosaicLlamaConfig, "mistral": MosaicMistralConfig, "qwen2": MosaicQwen2Config,
-                  "qwen3": MosaicQwen3Config}
+MOSAIC_CONFIGS = {
+    "llama": MosaicLlamaConfig,
+    "mistral": MosaicMistralConfig,
+    "qwen2": MosaicQwen2Config,
+    "qwen3": MosaicQwen3Config,
+}

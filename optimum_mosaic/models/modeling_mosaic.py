@@ -11,16 +11,21 @@ from .configuration_mosaic import MosaicLlamaConfig, MosaicMistralConfig, Mosaic
 
 
 def _linear(old: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
-    return nn.Linear(in_features, out_features, bias=old.bias is not None, device=old.weight.device,
-                     dtype=old.weight.dtype)
+    return nn.Linear(
+        in_features, out_features, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype
+    )
 
 
 def reshape_layers(layers, config) -> None:
     """Rebuild each layer's q/k/v/o and gate/up/down at the sizes in ``config.layer_shapes``."""
-    for layer, shape in zip(layers, getattr(config, "layer_shapes", None) or []):
+    for layer, shape in zip(layers, getattr(config, "layer_shapes", None) or [], strict=False):
         attn, mlp = layer.self_attn, layer.mlp
         hidden, head_dim = config.hidden_size, attn.head_dim
-        q, kv, ffn = shape["num_attention_heads"] * head_dim, shape["num_key_value_heads"] * head_dim, shape["intermediate_size"]
+        q, kv, ffn = (
+            shape["num_attention_heads"] * head_dim,
+            shape["num_key_value_heads"] * head_dim,
+            shape["intermediate_size"],
+        )
         attn.q_proj = _linear(attn.q_proj, hidden, q)
         attn.k_proj = _linear(attn.k_proj, hidden, kv)
         attn.v_proj = _linear(attn.v_proj, hidden, kv)
@@ -53,5 +58,9 @@ class MosaicQwen3ForCausalLM(_ReshapedLayers, Qwen3ForCausalLM):
     config_class = MosaicQwen3Config
 
 
-MOSAIC_MODELS = {"llama": MosaicLlamaForCausalLM, "mistral": MosaicMistralForCausalLM,
-                 "qwen2": MosaicQwen2ForCausalLM, "qwen3": MosaicQwen3ForCausalLM}
+MOSAIC_MODELS = {
+    "llama": MosaicLlamaForCausalLM,
+    "mistral": MosaicMistralForCausalLM,
+    "qwen2": MosaicQwen2ForCausalLM,
+    "qwen3": MosaicQwen3ForCausalLM,
+}

@@ -38,4 +38,3 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     mask = torch.zeros_like(groups, dtype=torch.bool)
     mask.scatter_(2, torch.argsort(groups, dim=2, stable=True)[..., :n], True)
     return mask.reshape(rows, cols)
-

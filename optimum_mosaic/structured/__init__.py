@@ -15,8 +15,13 @@ __all__ = ["LayerCut", "LayerShape", "apply_cuts", "layer_shape", "plan_cuts", "
 def layer_shape(layer, spec: ArchSpec) -> LayerShape:
     p = layer_projections(layer, spec)
     head_dim = layer.get_submodule(spec.attention).head_dim
-    return LayerShape(hidden=p["q"].in_features, intermediate=p["gate"].out_features,
-                      heads=p["q"].out_features // head_dim, kv_heads=p["k"].out_features // head_dim, head_dim=head_dim)
+    return LayerShape(
+        hidden=p["q"].in_features,
+        intermediate=p["gate"].out_features,
+        heads=p["q"].out_features // head_dim,
+        kv_heads=p["k"].out_features // head_dim,
+        head_dim=head_dim,
+    )
 
 
 def choose_units(layer, spec: ArchSpec, stats: dict, cut: LayerCut) -> dict[str, torch.Tensor]:
@@ -35,8 +40,14 @@ def apply_cuts(layer, spec: ArchSpec, keep: dict[str, torch.Tensor], physical: b
     shape = layer_shape(layer, spec)
     if not physical:
         dropped = lambda kept, n: torch.tensor(sorted(set(range(n)) - set(kept.tolist())), dtype=torch.long)  # noqa: E731
-        mask_units(layer, spec.projections, dropped(keep["channels"], shape.intermediate),
-                   dropped(keep["heads"], shape.heads), dropped(keep["groups"], shape.kv_heads), shape.head_dim)
+        mask_units(
+            layer,
+            spec.projections,
+            dropped(keep["channels"], shape.intermediate),
+            dropped(keep["heads"], shape.heads),
+            dropped(keep["groups"], shape.kv_heads),
+            shape.head_dim,
+        )
         return
     if len(keep["channels"]) < shape.intermediate:
         shrink_mlp(layer, spec.projections, keep["channels"])

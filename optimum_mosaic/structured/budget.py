@@ -50,8 +50,9 @@ def attention_option(shape: LayerShape, remove_fraction: float) -> tuple[int, in
     return min(options, key=lambda o: (abs(size(*o) - want), -o[0] * o[1]))
 
 
-def plan_cuts(plan, shapes: dict[int, LayerShape], structured_sparsity: float, units=("mlp", "attention"),
-              min_keep: float = 0.1) -> dict[int, LayerCut]:
+def plan_cuts(
+    plan, shapes: dict[int, LayerShape], structured_sparsity: float, units=("mlp", "attention"), min_keep: float = 0.1
+) -> dict[int, LayerCut]:
     """Per-layer units to keep so that about ``structured_sparsity`` of the prunable parameters go."""
     sparsity = plan.global_sparsity()
     mean = lambda layer, keys: sum(plan[(layer, k)] for k in keys) / len(keys)  # noqa: E731

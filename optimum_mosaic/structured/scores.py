@@ -6,16 +6,18 @@ from __future__ import annotations
 import torch
 
 
-def channel_scores(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
-                   x_sumsq: torch.Tensor, z_sumsq: torch.Tensor) -> torch.Tensor:
+def channel_scores(
+    gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, x_sumsq: torch.Tensor, z_sumsq: torch.Tensor
+) -> torch.Tensor:
     """MLP channel i owns row i of gate and up (input X) and column i of down (input Z):
     ``score_i = Σ_j |gate_ij|‖X_j‖ + Σ_j |up_ij|‖X_j‖ + ‖Z_i‖ Σ_r |down_ri|``."""
     x = x_sumsq.float().sqrt()
     return gate.abs().float() @ x + up.abs().float() @ x + down.abs().float().sum(0) * z_sumsq.float().sqrt()
 
 
-def head_scores(q: torch.Tensor, o: torch.Tensor, x_sumsq: torch.Tensor, a_sumsq: torch.Tensor,
-                head_dim: int) -> torch.Tensor:
+def head_scores(
+    q: torch.Tensor, o: torch.Tensor, x_sumsq: torch.Tensor, a_sumsq: torch.Tensor, head_dim: int
+) -> torch.Tensor:
     """Query head h owns its ``head_dim`` rows of q (input X) and columns of o (input A, the attention output)."""
     rows = q.abs().float() @ x_sumsq.float().sqrt()
     cols = o.abs().float().sum(0) * a_sumsq.float().sqrt()

@@ -17,8 +17,9 @@ def slice_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torc
         weight = weight[rows]
     if cols is not None:
         weight = weight[:, cols]
-    new = nn.Linear(weight.shape[1], weight.shape[0], bias=linear.bias is not None,
-                    device=weight.device, dtype=weight.dtype)
+    new = nn.Linear(
+        weight.shape[1], weight.shape[0], bias=linear.bias is not None, device=weight.device, dtype=weight.dtype
+    )
     with torch.no_grad():
         new.weight.copy_(weight)
         if linear.bias is not None:
@@ -43,8 +44,9 @@ def shrink_mlp(layer: nn.Module, paths: dict[str, str], keep: torch.Tensor) -> N
     _replace(layer, paths["down"], slice_linear(layer.get_submodule(paths["down"]), cols=keep))
 
 
-def shrink_attention(layer: nn.Module, paths: dict[str, str], attention: str, heads: torch.Tensor,
-                     groups: torch.Tensor, head_dim: int) -> None:
+def shrink_attention(
+    layer: nn.Module, paths: dict[str, str], attention: str, heads: torch.Tensor, groups: torch.Tensor, head_dim: int
+) -> None:
     """Keep query ``heads`` (rows of q, columns of o) and key/value ``groups`` (rows of k and v)."""
     q_rows, kv_rows = head_rows(heads, head_dim), head_rows(groups, head_dim)
     _replace(layer, paths["q"], slice_linear(layer.get_submodule(paths["q"]), rows=q_rows))
@@ -55,8 +57,14 @@ def shrink_attention(layer: nn.Module, paths: dict[str, str], attention: str, he
 
 
 @torch.no_grad()
-def mask_units(layer: nn.Module, paths: dict[str, str], channels_removed=None, heads_removed=None,
-               groups_removed=None, head_dim: int | None = None) -> None:
+def mask_units(
+    layer: nn.Module,
+    paths: dict[str, str],
+    channels_removed=None,
+    heads_removed=None,
+    groups_removed=None,
+    head_dim: int | None = None,
+) -> None:
     """Zero (instead of remove) what ``shrink_mlp``/``shrink_attention`` would remove."""
     get = layer.get_submodule
     if channels_removed is not None and len(channels_removed):

@@ -14,7 +14,15 @@ from optimum_mosaic.allocation.uniform import uniform_allocation
 
 PROJ = ("q", "k", "v", "o", "gate", "up", "down")
 # SmolLM2-135M projection sizes: d 576, kv 192, ffn 1536
-SIZES = {"q": 576 * 576, "k": 192 * 576, "v": 192 * 576, "o": 576 * 576, "gate": 1536 * 576, "up": 1536 * 576, "down": 576 * 1536}
+SIZES = {
+    "q": 576 * 576,
+    "k": 192 * 576,
+    "v": 192 * 576,
+    "o": 576 * 576,
+    "gate": 1536 * 576,
+    "up": 1536 * 576,
+    "down": 576 * 1536,
+}
 
 
 def random_profile(layers=12, seed=0, m=5.0) -> OutlierProfile:
@@ -54,23 +62,25 @@ def test_uniform():
     assert set(plan.values()) == {0.7}
 
 
-@pytest.mark.parametrize("sparsity,lamda", [(0.5, 0.08), (0.7, 0.08), (0.7, 0.15), (0.6, 0.03)])
+@pytest.mark.parametrize("sparsity,lamda", [(0.5, 0.08), (0.7, 0.08), (0.7, 0.15), (0.6, 0.03), (0.7, -0.08)])
 def test_projection_plan_stays_in_band_and_hits_target(sparsity, lamda):
     plan = pod_allocation(random_profile(seed=1), sparsity, lamda=lamda, outlier_threshold=5.0)
     values = list(plan.values())
     assert plan.global_sparsity() == pytest.approx(sparsity, abs=1e-6)
-    assert min(values) >= sparsity - lamda - 1e-9 and max(values) <= sparsity + lamda + 1e-9
-    assert max(values) - min(values) > lamda  # the allocation really varies
+    assert min(values) >= sparsity - abs(lamda) - 1e-9 and max(values) <= sparsity + abs(lamda) + 1e-9
+    assert max(values) - min(values) > abs(lamda)  # the allocation really varies
 
 
-def test_projection_gives_outlier_rich_projections_more_weights():
+@pytest.mark.parametrize("lamda", [0.05, -0.05])
+def test_projection_direction_follows_the_sign_of_lamda(lamda):
+    """λ > 0: the layer where a projection has the most outliers keeps the most weights; λ < 0: the fewest."""
     profile = random_profile(seed=2)
-    plan = pod_allocation(profile, 0.6, lamda=0.05, outlier_threshold=5.0)
+    plan = pod_allocation(profile, 0.6, lamda=lamda, outlier_threshold=5.0)
     ratios = profile.projection[5.0]
     for p in PROJ:
         keys = [k for k in plan if k[1] == p]
         most, least = max(keys, key=ratios.get), min(keys, key=ratios.get)
-        assert plan[most] < plan[least]
+        assert (plan[most] < plan[least]) == (lamda > 0)
 
 
 def test_owl_spread_is_two_lamda_and_mean_is_target():
@@ -105,13 +115,20 @@ def test_official_clamps_non_positive_sparsity_to_one_percent():
 
 def test_search_grid_keeps_uniform_and_pins_fixed_axes():
     grid = search_grid(0.7, "auto", "auto")
-    assert grid[0][0] == 0.0 and all(lam < 0.3 for lam, _ in grid)
+    assert search_grid(0.7, "auto", "auto", ("hessian",)) == [(0.0, 5.0), (0.03, 5.0), (-0.03, 5.0), (0.06, 5.0), (-0.06, 5.0)]
+    assert grid[0][0] == 0.0 and all(abs(lam) < 0.3 for lam, _ in grid)
+    assert {lam for lam, _ in grid} == {0.0, 0.03, -0.03, 0.06, -0.06, 0.1, -0.1}
     assert {m for _, m in search_grid(0.7, "auto", 5.0)} == {5.0}
     assert search_grid(0.5, 0.08, "auto") == [(0.08, 3.0), (0.08, 5.0), (0.08, 8.0)]
 
 
 def test_search_picks_the_lowest_score():
     profile = random_profile(m=5.0)
-    lamda, m, table = search_allocation(pod_allocation, profile, 0.6, [(0.0, 5.0), (0.05, 5.0), (0.1, 5.0)],
-                                        score=lambda plan: abs(max(plan.values()) - 0.65))
+    lamda, m, table = search_allocation(
+        pod_allocation,
+        profile,
+        0.6,
+        [(0.0, 5.0), (0.05, 5.0), (0.1, 5.0)],
+        score=lambda plan: abs(max(plan.values()) - 0.65),
+    )
     assert (lamda, m) == (0.05, 5.0) and len(table) == 3

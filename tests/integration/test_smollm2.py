@@ -7,7 +7,7 @@ on 2 CPU cores; the published-size numbers live in benchmarks/.
 import pytest
 import torch
 
-from optimum_mosaic import Pruner, PrunedConfig, PrunedModelForCausalLM, perplexity
+from optimum_mosaic import PrunedConfig, PrunedModelForCausalLM, Pruner, perplexity
 
 pytestmark = pytest.mark.integration
 SMALL = dict(nsamples=16, seqlen=256, search_samples=4)
@@ -62,3 +62,28 @@ def test_mosaic_prune_save_reload(pruner, dense_state, dense_ppl, tmp_path):
     x = torch.randint(0, 1000, (1, 64))
     with torch.no_grad():
         assert torch.equal(model(x).logits, reloaded(x).logits)
+
+
+def test_composite_shrinks_and_reloads_through_auto_class(pruner, dense_state, dense_ppl, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    pruner.model.load_state_dict(dense_state)
+    dense_params = sum(p.numel() for p in pruner.model.model.layers.parameters())
+    config = PrunedConfig(sparsity=0.5, structured_sparsity=0.25, allocation="layer", **SMALL)
+    model = pruner.prune(config, save_directory=tmp_path / "composite")
+    assert pruner.report.achieved_sparsity == pytest.approx(0.5, abs=2e-3)
+    assert pruner.report.structured_sparsity == pytest.approx(0.25, abs=0.02)
+    assert sum(p.numel() for p in model.model.layers.parameters()) < 0.78 * dense_params
+    assert ppl(pruner) < 4.0 * dense_ppl
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "composite")
+    x = torch.randint(0, 1000, (1, 64))
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, reloaded(x).logits)
+    # the pruner's model object was re-shaped: restore a dense model for any later test
+    pruner.model = AutoModelForCausalLM.from_pretrained(pruner_path(), dtype=torch.float32).eval()
+
+
+def pruner_path():
+    from optimum_mosaic.packaged_models import resolve_model_path
+
+    return resolve_model_path("smollm2-135m")
