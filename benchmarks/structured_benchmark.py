@@ -18,10 +18,12 @@ import sys
 import time
 from pathlib import Path
 
+# one allocation for all three (OWL, λ=0.08, M=5: no λ search, per-layer shapes differ)
+_PLAN = dict(allocation="layer", lamda=0.08, outlier_threshold=5)
 VARIANTS = {
-    "unstructured-only": dict(sparsity=0.5, structured_sparsity=0.0),
-    "structured-only": dict(sparsity=0.5, structured_sparsity=0.5),
-    "composite (β=0.25)": dict(sparsity=0.5, structured_sparsity=0.25),
+    "unstructured-only": dict(sparsity=0.5, structured_sparsity=0.0, **_PLAN),
+    "structured-only": dict(sparsity=0.5, structured_sparsity=0.5, **_PLAN),
+    "composite (β=0.25)": dict(sparsity=0.5, structured_sparsity=0.25, **_PLAN),
 }
 
 
@@ -72,6 +74,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval-windows", type=int, default=40)
     parser.add_argument("--out", default="benchmarks/results/structured.json")
+    parser.add_argument("--prune-only", action="store_true", help="prune and save, measure later")
+    parser.add_argument("--measure-only", action="store_true", help="measure checkpoints saved by --prune-only")
     args = parser.parse_args()
     if args.measure:
         print(json.dumps(measure(args.measure, args.threads, args.eval_windows)))
@@ -84,16 +88,22 @@ def main() -> None:
     from optimum_mosaic.report import format_table
 
     paths = {"dense": resolve_model_path(args.model)}
-    prune_s = {}
+    timing_file = Path(args.workdir) / "prune_s.json"
+    prune_s = json.loads(timing_file.read_text()) if args.measure_only else {}
     for name, options in VARIANTS.items():
+        target = Path(args.workdir) / name.split(" ")[0]
+        paths[name] = str(target)
+        if args.measure_only:
+            continue
         pruner = Pruner.from_pretrained(args.model)
         start = time.perf_counter()
-        target = Path(args.workdir) / name.split(" ")[0]
         pruner.prune(PrunedConfig(nsamples=args.nsamples, seqlen=args.seqlen, **options), save_directory=target)
         prune_s[name] = round(time.perf_counter() - start, 1)
-        paths[name] = str(target)
         del pruner
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    timing_file.write_text(json.dumps(prune_s))
+    if args.prune_only:
+        return
     rows = []
     for name, path in paths.items():
         cmd = [

@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--device", default=None, help="execution device for the layer walk (cpu, cuda)")
     prune.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward")
     prune.add_argument(
+        "--calibration-text", default=None, help="a UTF-8 text file to calibrate on (default: the bundled corpus)"
+    )
+    prune.add_argument(
         "--eval-windows",
         type=int,
         default=0,
@@ -76,7 +79,8 @@ def run_prune(args) -> dict:
     nonzero = lambda: sum(int((p != 0).sum()) for p in pruner.model.parameters())  # noqa: E731
     dense_nonzero = nonzero()
     start = time.perf_counter()
-    pruner.prune(config, save_directory=args.output, batch_size=args.batch_size)
+    data = open(args.calibration_text, encoding="utf-8").read() if args.calibration_text else None
+    pruner.prune(config, calibration_dataset=data, save_directory=args.output, batch_size=args.batch_size)
     elapsed = time.perf_counter() - start
     report = pruner.report
     after = evaluate() if args.eval_windows else None

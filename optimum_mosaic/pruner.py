@@ -68,14 +68,12 @@ class Pruner:
         if allocator.needs or kernel.needs or structured:
             acts, heldout = self._calibrate(config, calibration_dataset, batch_size)
         clock["calibration"] = time.perf_counter()
-        search = bool(allocator.needs) and config.search_grid
         if "outliers" in allocator.needs or structured:
-            thresholds = search_thresholds(kernel.needs) if config.outlier_threshold == AUTO else [config.outlier_threshold]
-            hessian = search and "hessian" in kernel.needs  # the search scores plans with the real kernel
-            dense_stats = self._outlier_pass(acts.clone(), targets, profile, thresholds, hessian)
+            thresholds = search_thresholds(config.lamda, config.outlier_threshold)
+            dense_stats = self._outlier_pass(acts.clone(), targets, profile, thresholds)
         clock["outliers"] = time.perf_counter()
         plan, lamda, threshold, table = self._allocate(
-            config, allocator, kernel, profile, targets, dense_stats, heldout, batch_size
+            config, allocator, kernel, profile, targets, acts, heldout, batch_size
         )
         clock["allocation"] = time.perf_counter()
         if structured:
@@ -85,7 +83,11 @@ class Pruner:
             targets = self._targets(config)
             plan = remainder_plan(plan, dense_numel, prunable_numel(targets), config.sparsity)
         clock["structured"] = time.perf_counter()
-        self._prune_layers(acts, targets, plan, kernel, config)
+        if self._searched is not None and not structured:
+            self._restore(targets, self._searched)  # the winning candidate already is this prune
+        else:
+            self._prune_layers(acts, targets, plan, kernel, config)
+        self._searched = None
         remove_empty_units(self.model, self.spec)
         fit_config_to_shapes(self.model)
         targets = self._targets(config)
@@ -145,15 +147,15 @@ class Pruner:
         stats, out = collect_statistics(layer, acts, idx, hooked, hessian)
         return {p: stats[o] for p, o in owners.items()}, out
 
-    def _outlier_pass(self, acts: Activations, targets: Targets, profile: OutlierProfile, thresholds, hessian=False):
+    def _outlier_pass(self, acts: Activations, targets: Targets, profile: OutlierProfile, thresholds):
         """Dense walk: Wanda scores of every projection → outlier ratios (profile updated in place).
-        Returns the dense statistics (with Hessians when ``hessian``: Σ d_in² floats per layer)."""
+        Returns the dense input statistics (‖X_j‖² per projection)."""
         dense_stats = {}
         layers = decoder_layers(self.model, self.spec)
         for idx in tqdm(range(len(layers)), desc="Outlier profile"):
             with on_device(layers[idx], self.device):
                 if idx in targets:
-                    stats, out = self._layer_statistics(layers[idx], acts, idx, targets, hessian)
+                    stats, out = self._layer_statistics(layers[idx], acts, idx, targets, hessian=False)
                     scores = {p: wanda_scores(lin.weight, stats[p].sumsq) for p, lin in targets[idx].items()}
                     profile.add_layer(idx, scores, thresholds)
                     dense_stats.update({(idx, p): s for p, s in stats.items()})
@@ -162,37 +164,41 @@ class Pruner:
             acts.hidden = out
         return dense_stats
 
-    def _allocate(self, config, allocator, kernel, profile, targets, dense_stats, heldout, batch_size):
+    def _allocate(self, config, allocator, kernel, profile, targets, acts, heldout, batch_size):
+        self._searched = None
         if not allocator.needs:
             return allocator.fn(profile, config.sparsity), None, None, []
         lamda, threshold, table = config.lamda, config.outlier_threshold, []
         if config.search_grid:
-            candidates = search_grid(config.sparsity, lamda, threshold, kernel.needs)
-            score = self._proxy_score(kernel, config, targets, dense_stats, heldout, batch_size)
+            candidates = search_grid(config.sparsity, lamda, threshold)
+            score = self._proxy_score(kernel, config, targets, acts, heldout, batch_size)
             lamda, threshold, table = search_allocation(allocator.fn, profile, config.sparsity, candidates, score)
             logger.info("λ/M search chose λ=%.3f M=%.1f", lamda, threshold)
         plan = allocator.fn(profile, config.sparsity, lamda=lamda, outlier_threshold=threshold)
         return plan, lamda, threshold, table
 
-    def _proxy_score(self, kernel, config, targets: Targets, dense_stats, heldout, batch_size):
-        """Score a plan: prune every projection at once with the configured kernel on *dense* statistics
-        (no sequential re-calibration), then the mean NLL of held-out calibration windows. A Wanda proxy
-        for SparseGPT ranked plans differently on SmolLM2-135M, so the kernel itself is used."""
-        options = {"nm": config.nm, "dampening": config.dampening, "block_size": config.block_size}
+    def _proxy_score(self, kernel, config, targets: Targets, acts, heldout, batch_size):
+        """Score a plan by the prune itself (same calibration, same kernel) and the mean NLL of the held-out
+        calibration windows. The best candidate's weights are kept, so the search costs one prune per
+        candidate and the final prune comes free. (Cheaper proxies mis-ranked plans on SmolLM2-135M.)"""
+        dense = {k: lin.weight.detach().clone() for k, lin in _flat(targets).items()}
+        best = {"loss": float("inf")}
 
         def score(plan) -> float:
-            saved = {}
-            try:
-                for (idx, proj), s in plan.items():
-                    weight = targets[idx][proj].weight
-                    saved[(idx, proj)] = weight.detach().clone()
-                    weight.data.copy_(kernel.fn(weight.data, dense_stats[(idx, proj)], s, **options))
-                return mean_nll(self.model, heldout, batch_size)
-            finally:
-                for (idx, proj), original in saved.items():
-                    targets[idx][proj].weight.data.copy_(original)
+            self._prune_layers(acts.clone(), targets, plan, kernel, config)
+            loss = mean_nll(self.model, heldout, batch_size)
+            if loss < best["loss"]:
+                best.update(loss=loss, weights={k: lin.weight.detach().clone() for k, lin in _flat(targets).items()})
+                self._searched = best["weights"]
+            self._restore(targets, dense)
+            return loss
 
         return score
+
+    @staticmethod
+    def _restore(targets: Targets, weights: dict) -> None:
+        for key, lin in _flat(targets).items():
+            lin.weight.data.copy_(weights[key])
 
     @torch.no_grad()
     def _prune_layers(self, acts, targets: Targets, plan, kernel, config: PrunedConfig) -> None:
@@ -262,3 +268,7 @@ class Pruner:
             structured_sparsity=round(removed / dense_total, 6),
             layer_shapes=getattr(self.model.config, "layer_shapes", None),
         )
+
+
+def _flat(targets: Targets) -> dict:
+    return {(idx, proj): lin for idx, projs in targets.items() for proj, lin in projs.items()}

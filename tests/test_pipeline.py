@@ -106,3 +106,13 @@ def test_empty_corpus_and_too_many_samples_are_explained():
         Pruner(tiny_llama(), char_tokenizer()).prune(PrunedConfig(**SMALL), calibration_dataset=["", "  "])
     with pytest.raises(CalibrationError, match="holds 1 windows.*nsamples=8"):
         Pruner(tiny_llama(), char_tokenizer()).prune(PrunedConfig(**SMALL), calibration_dataset="x" * 40)
+
+
+def test_auto_search_result_equals_a_direct_prune_with_the_chosen_lamda():
+    auto = prune(tiny_llama(), sparsity=0.6, allocation="projection")
+    report = auto.mosaic_report
+    assert [row["lamda"] for row in report.search] == [0.0, 0.03, -0.03]
+    assert report.lamda == min(report.search, key=lambda row: row["loss"])["lamda"]
+    direct = prune(tiny_llama(), sparsity=0.6, allocation="projection", lamda=report.lamda, outlier_threshold=5.0)
+    for a, b in zip(auto.state_dict().values(), direct.state_dict().values(), strict=True):
+        assert torch.equal(a, b)

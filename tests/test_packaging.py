@@ -1,0 +1,27 @@
+"""The wheel ships every sub-package, the bundled corpus and the per-layer-shape model code."""
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_contents(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(ROOT)],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("optimum_mosaic-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    packages = {str(p.parent.relative_to(ROOT)) for p in (ROOT / "optimum_mosaic").rglob("__init__.py")}
+    for package in packages:
+        assert f"{package}/__init__.py" in names, package
+    for novel in ("emma", "persuasion", "sensesensibility"):
+        assert f"optimum_mosaic/data/austen/{novel}.txt.gz" in names
+    assert "optimum_mosaic/models/modeling_mosaic.py" in names
+    assert not any(n.startswith(("tests/", "benchmarks/", "integrations/")) for n in names)
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "optimum-mosaic = optimum_mosaic.commands:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
