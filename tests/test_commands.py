@@ -22,8 +22,27 @@ def checkpoint(tmp_path):
 def test_prune_then_eval(checkpoint, tmp_path, capsys):
     path, text = checkpoint
     out = tmp_path / "pruned"
-    argv = ["prune", "--model", str(path), "--output", str(out), "--calibration-text", str(text), "--sparsity", "0.6",
-            "--allocation", "layer", "--pruner", "wanda", "--nsamples", "4", "--seqlen", "32", "--eval-windows", "2"]
+    argv = [
+        "prune",
+        "--model",
+        str(path),
+        "--output",
+        str(out),
+        "--calibration-text",
+        str(text),
+        "--sparsity",
+        "0.6",
+        "--allocation",
+        "layer",
+        "--pruner",
+        "wanda",
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "32",
+        "--eval-windows",
+        "2",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "| pruned | 0.6" in printed and "perplexity" in printed

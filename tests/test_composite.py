@@ -105,12 +105,23 @@ def test_structured_only_removes_parameters():
 def test_other_families_round_trip(family, tmp_path):
     from transformers import AutoConfig
 
-    config = AutoConfig.for_model(family, vocab_size=96, hidden_size=96, intermediate_size=128, num_hidden_layers=3,
-                                  num_attention_heads=6, num_key_value_heads=3, max_position_embeddings=256,
-                                  head_dim=16, tie_word_embeddings=False)
+    config = AutoConfig.for_model(
+        family,
+        vocab_size=96,
+        hidden_size=96,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=3,
+        max_position_embeddings=256,
+        head_dim=16,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
-    pruned = PrunedConfig(**{**SMALL, "sparsity": 0.5, "structured_sparsity": 0.25, "allocation": "layer", "lamda": 0.2})
+    pruned = PrunedConfig(
+        **{**SMALL, "sparsity": 0.5, "structured_sparsity": 0.25, "allocation": "layer", "lamda": 0.2}
+    )
     Pruner(model).prune(pruned, calibration_dataset=token_windows(12, 32), batch_size=4, save_directory=tmp_path / "m")
     assert model.mosaic_report.achieved_sparsity == pytest.approx(0.5, abs=2e-3)
     assert model.config.model_type in (family, f"mosaic_{family}")

@@ -116,3 +116,16 @@ def test_auto_search_result_equals_a_direct_prune_with_the_chosen_lamda():
     direct = prune(tiny_llama(), sparsity=0.6, allocation="projection", lamda=report.lamda, outlier_threshold=5.0)
     for a, b in zip(auto.state_dict().values(), direct.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs where one is present)")
+def test_layers_walk_on_cuda_one_at_a_time():
+    model = tiny_llama()  # stays on the CPU; each layer visits the GPU while it is pruned
+    Pruner(model, device="cuda").prune(
+        PrunedConfig(**SMALL, allocation="layer"), calibration_dataset=token_windows(12, 32)
+    )
+    assert next(model.parameters()).device.type == "cpu"
+    assert model.mosaic_report.achieved_sparsity == pytest.approx(0.5, abs=1e-3)
+    cpu = prune(tiny_llama(), allocation="layer")
+    for a, b in zip(model.state_dict().values(), cpu.state_dict().values(), strict=True):
+        assert torch.equal(a == 0, b == 0) or (a == 0).ne(b == 0).float().mean() < 0.01  # fp differences move ties only
