@@ -22,6 +22,7 @@ class PrunedModelForCausalLM:
     @classmethod
     def from_pretrained(cls, path: str | Path, check_sparsity: bool = True, **kwargs):
         import torch
+        from safetensors import SafetensorError
         from transformers import AutoModelForCausalLM
 
         from .serialization import linear_summary
@@ -29,7 +30,13 @@ class PrunedModelForCausalLM:
         sidecar = read_sidecar(path)
         _check_weight_files(Path(path))
         kwargs.setdefault("dtype", torch.float32)
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        except SafetensorError as err:
+            raise CheckpointMismatchError(
+                f"the weights in {path} cannot be read ({err}): the file is truncated or corrupted. "
+                "Copy the checkpoint again, or re-save it with Pruner.prune(save_directory=...)."
+            ) from err
         shapes, zeros = linear_summary(model)
         _check_shapes(Path(path), sidecar["shapes"], shapes)
         if check_sparsity and "quantization_config" not in kwargs:

@@ -85,6 +85,14 @@ def test_missing_weights_file(saved, tmp_path):
         PrunedModelForCausalLM.from_pretrained(bad)
 
 
+def test_truncated_weights_file(saved, tmp_path):
+    bad = _copy(saved[1], tmp_path)
+    weights = bad / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CheckpointMismatchError, match="truncated or corrupted"):
+        PrunedModelForCausalLM.from_pretrained(bad)
+
+
 def test_a_failed_save_leaves_nothing_behind(tmp_path):
     target = tmp_path / "out"
     target.mkdir()
