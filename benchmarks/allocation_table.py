@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.6, 0.7])
     parser.add_argument("--runs", nargs="+", default=list(RUNS))
     parser.add_argument(
-        "--backends", nargs="+", default=["wanda", "magnitude"], help="extra back-ends, uniform at the first sparsity"
+        "--backends", nargs="*", default=["wanda", "magnitude"], help="extra back-ends, uniform at the last sparsity"
     )
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
