@@ -27,6 +27,15 @@ VARIANTS = {
 }
 
 
+def _peak_rss_mib() -> float:
+    """VmHWM of this process. (``ru_maxrss`` is inherited from the parent across fork+exec on Linux,
+    so it reported the driver's peak for every checkpoint.)"""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def measure(path: str, threads: int, eval_windows: int) -> dict:
     import torch
 
@@ -37,7 +46,7 @@ def measure(path: str, threads: int, eval_windows: int) -> dict:
     from optimum_mosaic import perplexity
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_mib = _peak_rss_mib()
     tokenizer = AutoTokenizer.from_pretrained(path)
     prompt = torch.randint(100, 20000, (1, 512), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
