@@ -94,7 +94,7 @@ class PrunedConfig:
             self.allocation = "uniform" if nm else "projection"
         if self.sparsity is None:
             self.sparsity = nm[0] / nm[1] if nm else 0.5
-        projection = self.allocation.startswith("projection") and self.allocation != "projection_official"
+        projection = self.allocation == "projection"
         if self.lamda is None:
             self.lamda = AUTO if projection else PAPER_LAMDA
         if self.outlier_threshold is None:

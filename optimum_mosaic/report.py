@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-import torch
 from torch import nn
 
 Targets = dict[int, dict[str, nn.Linear]]
@@ -75,6 +74,5 @@ def _fmt(value) -> str:
     return str(value)
 
 
-@torch.no_grad()
 def prunable_numel(targets: Targets) -> dict[tuple[int, str], int]:
     return {(layer, proj): lin.weight.numel() for layer, projs in targets.items() for proj, lin in projs.items()}
