@@ -7,8 +7,10 @@ package names module paths. Projections use the canonical keys ``q, k, v, o, gat
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
 from .exceptions import UnsupportedArchitectureError
 

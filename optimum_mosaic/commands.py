@@ -38,30 +38,28 @@ def config_from_args(args: argparse.Namespace) -> PrunedConfig:
     return PrunedConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="optimum-mosaic", description="Mosaic composite projection pruning")
-    sub = parser.add_subparsers(dest="command", required=True)
-    prune = sub.add_parser("prune", help="prune a model and save it (with a before/after table)")
-    prune.add_argument("--model", default="smollm2-135m", help="checkpoint path, or a packaged model alias")
-    prune.add_argument("--output", default=None, help="directory to save the pruned checkpoint")
-    prune.add_argument("--device", default=None, help="execution device for the layer walk (cpu, cuda)")
-    prune.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward")
-    prune.add_argument(
+def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m", help="checkpoint path, or a packaged model alias")
+    parser.add_argument("--output", default=None, help="directory to save the pruned checkpoint")
+    parser.add_argument("--device", default=None, help="execution device for the layer walk (cpu, cuda)")
+    parser.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward")
+    parser.add_argument(
         "--calibration-text", default=None, help="a UTF-8 text file to calibrate on (default: the bundled corpus)"
     )
-    prune.add_argument(
+    parser.add_argument(
         "--eval-windows",
         type=int,
         default=0,
         help="evaluate perplexity before and after on this many windows of held-out text (0: skip)",
     )
-    add_config_arguments(prune)
-    ev = sub.add_parser("eval", help="perplexity of a model on held-out text")
-    ev.add_argument("--model", default="smollm2-135m")
-    ev.add_argument("--text", default=None, help="a UTF-8 text file (default: the bundled evaluation novel)")
-    ev.add_argument("--seqlen", type=int, default=2048)
-    ev.add_argument("--max-windows", type=int, default=None)
-    return parser
+    add_config_arguments(parser)
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--text", default=None, help="a UTF-8 text file (default: the bundled evaluation novel)")
+    parser.add_argument("--seqlen", type=int, default=2048)
+    parser.add_argument("--max-windows", type=int, default=None)
 
 
 def run_prune(args) -> dict:
@@ -80,10 +78,22 @@ def run_prune(args) -> dict:
     dense_nonzero = nonzero()
     start = time.perf_counter()
     data = open(args.calibration_text, encoding="utf-8").read() if args.calibration_text else None
-    pruner.prune(config, calibration_dataset=data, save_directory=args.output, batch_size=args.batch_size)
+    pruner.prune(config, calibration_dataset=data, batch_size=args.batch_size)
     elapsed = time.perf_counter() - start
     report = pruner.report
     after = evaluate() if args.eval_windows else None
+    if args.eval_windows:
+        report.evaluation = {
+            "text": "bundled Austen novel (Persuasion), held out from calibration",
+            "windows": args.eval_windows,
+            "seqlen": config.seqlen,
+            "perplexity_before": round(before, 4),
+            "perplexity_after": round(after, 4),
+        }
+    if args.output:
+        from .serialization import save_pruned
+
+        save_pruned(pruner.model, pruner.tokenizer, args.output, config, report)
     print(
         f"\nPruned {args.model}: {config.allocation} allocation (λ={report.lamda}, M={report.outlier_threshold}), "
         f"{config.pruner}, calibration {config.nsamples} x {config.seqlen} tokens, "
@@ -122,14 +132,34 @@ def run_eval(args) -> float:
     return ppl
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+# name → (help, add_arguments, run); the ``optimum-cli mosaic`` plug-in builds its sub-commands from this table.
+SUBCOMMANDS = {
+    "prune": ("prune a model and save it (with a before/after table)", add_prune_arguments, run_prune),
+    "eval": ("perplexity of a model on held-out text", add_eval_arguments, run_eval),
+}
+
+
+def build_parser(prog: str = "optimum-mosaic") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Mosaic composite projection pruning")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, add_arguments, _) in SUBCOMMANDS.items():
+        add_arguments(sub.add_parser(name, help=help_text))
+    return parser
+
+
+def run(name: str, args: argparse.Namespace) -> int:
+    """Run one sub-command; configuration and input errors become one clear line and exit status 2."""
     try:
-        run_prune(args) if args.command == "prune" else run_eval(args)
-    except ValueError as err:  # configuration and input errors: one clear line, no traceback
+        SUBCOMMANDS[name][2](args)
+    except ValueError as err:
         print(f"optimum-mosaic: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run(args.command, args)
 
 
 if __name__ == "__main__":

@@ -21,12 +21,15 @@ class PrunedModelForCausalLM:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, check_sparsity: bool = True, **kwargs):
+        """``path``: a local checkpoint directory or a Hub repo id (downloaded with ``snapshot_download``;
+        ``revision``, ``token``, ``cache_dir``, ``local_files_only``, ``force_download`` are passed to it)."""
         import torch
         from safetensors import SafetensorError
         from transformers import AutoModelForCausalLM
 
         from .serialization import linear_summary
 
+        path = _resolve(path, {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs})
         sidecar = read_sidecar(path)
         _check_weight_files(Path(path))
         kwargs.setdefault("dtype", torch.float32)
@@ -44,6 +47,21 @@ class PrunedModelForCausalLM:
         model.mosaic_config = PrunedConfig.from_dict(sidecar["config"])
         model.mosaic_sidecar = sidecar
         return model
+
+
+_HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download")
+
+
+def _resolve(path: str | Path, hub_kwargs: dict) -> Path:
+    """A local directory as is; anything else is a Hub repo id, downloaded (or found in the cache)."""
+    if Path(path).is_dir():
+        return Path(path)
+    text = str(path)
+    if text.startswith((".", "/", "~")) or text.count("/") > 1 or not text:
+        raise FileNotFoundError(f"{path} is not a directory (and not a Hub repo id of the form 'owner/name').")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(text, **hub_kwargs))
 
 
 def _check_weight_files(path: Path) -> None:

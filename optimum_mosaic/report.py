@@ -26,6 +26,7 @@ class PruningReport:
     notes: list[str] = field(default_factory=list)
     structured_sparsity: float = 0.0  # fraction of the prunable parameters removed as whole units
     layer_shapes: list[dict] | None = None
+    evaluation: dict = field(default_factory=dict)  # perplexity before/after, when measured (CLI, benchmarks)
 
     def to_dict(self) -> dict:
         return asdict(self)
