@@ -82,3 +82,13 @@ def decoder_layers(model: nn.Module, spec: ArchSpec) -> nn.ModuleList:
 def layer_projections(layer: nn.Module, spec: ArchSpec, keys=PROJECTIONS) -> dict[str, nn.Linear]:
     """``{projection key: nn.Linear}`` for one decoder layer, in canonical order."""
     return {key: layer.get_submodule(spec.projections[key]) for key in keys}
+
+
+def named_projections(model: nn.Module, keys=PROJECTIONS) -> dict[str, nn.Linear]:
+    """``{module name: nn.Linear}`` of the projections of every decoder layer (e.g. ``model.layers.0.mlp.up_proj``)."""
+    spec = get_arch_spec(model)
+    return {
+        f"{spec.layers}.{idx}.{spec.projections[key]}": linear
+        for idx, layer in enumerate(decoder_layers(model, spec))
+        for key, linear in layer_projections(layer, spec, keys).items()
+    }

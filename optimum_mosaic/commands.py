@@ -132,10 +132,41 @@ def run_eval(args) -> float:
     return ppl
 
 
+def add_push_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="pruned checkpoint directory (with mosaic_config.json)")
+    parser.add_argument("--repo-id", required=True, help="Hub repository to push to, 'owner/name' (created if missing)")
+    parser.add_argument(
+        "--token", default=None, help="Hub token (default: $HF_TOKEN or the cached `hf auth login` token)"
+    )
+    parser.add_argument(
+        "--private", action="store_true", default=None, help="create the repo private (an existing repo is unchanged)"
+    )
+    parser.add_argument("--revision", default=None, help="branch to push to, created if missing (default: main)")
+    parser.add_argument("--commit-message", default=None)
+    parser.add_argument("--base-model", default=None, help="Hub id of the model that was pruned (card metadata)")
+
+
+def run_push(args) -> str:
+    from .hub import push_to_hub
+
+    url = push_to_hub(
+        args.model,
+        args.repo_id,
+        token=args.token,
+        private=args.private,
+        revision=args.revision,
+        commit_message=args.commit_message,
+        base_model=args.base_model,
+    )
+    print(f"Pushed {args.model} to {args.repo_id} with its model card: {url}")
+    return url
+
+
 # name → (help, add_arguments, run); the ``optimum-cli mosaic`` plug-in builds its sub-commands from this table.
 SUBCOMMANDS = {
     "prune": ("prune a model and save it (with a before/after table)", add_prune_arguments, run_prune),
     "eval": ("perplexity of a model on held-out text", add_eval_arguments, run_eval),
+    "push": ("push a pruned checkpoint and its model card to the Hub", add_push_arguments, run_push),
 }
 
 

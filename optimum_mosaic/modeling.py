@@ -6,13 +6,14 @@ from pathlib import Path
 
 from .configuration import SIDECAR_NAME, PrunedConfig, read_sidecar
 from .exceptions import CheckpointMismatchError
+from .report import PruningReport
 
 
 class PrunedModelForCausalLM:
     """Loader for checkpoints written by ``Pruner.prune(save_directory=...)``.
 
     ``from_pretrained`` returns the transformers model itself (``AutoModelForCausalLM``), with the
-    sidecar attached as ``model.mosaic_config`` / ``model.mosaic_sidecar``, after checking that every
+    sidecar attached as ``model.mosaic_config`` / ``model.mosaic_report`` / ``model.mosaic_sidecar``, after checking that every
     prunable projection has the recorded shape and the recorded sparsity.
     """
 
@@ -33,6 +34,11 @@ class PrunedModelForCausalLM:
         sidecar = read_sidecar(path)
         _check_weight_files(Path(path))
         kwargs.setdefault("dtype", torch.float32)
+        quantization_config = kwargs.get("quantization_config")
+        if quantization_config is not None:
+            from .quantization import describe, prepare_quantization_config
+
+            kwargs["quantization_config"] = prepare_quantization_config(quantization_config)
         try:
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         except SafetensorError as err:
@@ -42,10 +48,25 @@ class PrunedModelForCausalLM:
             ) from err
         shapes, zeros = linear_summary(model)
         _check_shapes(Path(path), sidecar["shapes"], shapes)
-        if check_sparsity and "quantization_config" not in kwargs:
+        if quantization_config is not None and describe(quantization_config).startswith("bnb"):
+            from .quantization import guard_cpu_4bit_packing, quantization_report
+
+            guard_cpu_4bit_packing(model)
+            model.mosaic_quantization = quantization_report(model, path, quantization_config)
+            if check_sparsity and model.mosaic_quantization.zeros_before != sum(sidecar["zeros"].values()):
+                raise CheckpointMismatchError(
+                    f"the weights in {path} hold {model.mosaic_quantization.zeros_before} zero weights but "
+                    f"{path / SIDECAR_NAME} records {sum(sidecar['zeros'].values())}: the safetensors file was "
+                    "modified or belongs to another prune."
+                )
+        elif check_sparsity and quantization_config is None:
             _check_zeros(Path(path), sidecar["zeros"], zeros)
         model.mosaic_config = PrunedConfig.from_dict(sidecar["config"])
+        model.mosaic_report = PruningReport.from_dict(sidecar["report"])
         model.mosaic_sidecar = sidecar
+        from .hub import attach_hub_methods
+
+        attach_hub_methods(model)
         return model
 
 

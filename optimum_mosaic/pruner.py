@@ -95,6 +95,9 @@ class Pruner:
         self.report = self._build_report(config, targets, dense_numel, plan, lamda, threshold, table, acts, clock)
         self.model.mosaic_report = self.report
         self.model.mosaic_config = config
+        from .hub import attach_hub_methods
+
+        attach_hub_methods(self.model)
         if save_directory is not None:
             from .serialization import save_pruned
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from torch import nn
 
@@ -30,6 +30,12 @@ class PruningReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PruningReport:
+        """Inverse of ``to_dict``; keys this version does not know (from a newer writer) are ignored."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def count_zeros(targets: Targets, dense_numel: dict | None = None) -> dict[tuple[int, str], tuple[int, int]]:

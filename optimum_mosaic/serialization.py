@@ -45,14 +45,12 @@ def versions() -> dict[str, str]:
 
 def linear_summary(model) -> tuple[dict[str, list[int]], dict[str, int]]:
     """``({module name: [out, in]}, {module name: exact zeros})`` for every projection of the decoder layers."""
-    from .architectures import PROJECTIONS, decoder_layers, get_arch_spec, layer_projections
+    from .architectures import named_projections
 
-    spec = get_arch_spec(model)
     shapes, zeros = {}, {}
-    for idx, layer in enumerate(decoder_layers(model, spec)):
-        for p, lin in layer_projections(layer, spec, PROJECTIONS).items():
-            name = f"{spec.layers}.{idx}.{spec.projections[p]}"
-            shapes[name], zeros[name] = list(lin.weight.shape), int((lin.weight == 0).sum().item())
+    for name, lin in named_projections(model).items():
+        shapes[name] = [lin.out_features, lin.in_features]  # not weight.shape: bnb 4-bit packs the weight
+        zeros[name] = int((lin.weight == 0).sum().item())
     return shapes, zeros
 
 

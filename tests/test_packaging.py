@@ -1,4 +1,5 @@
-"""The wheel ships every sub-package, the bundled corpus and the per-layer-shape model code."""
+"""The wheel ships every sub-package, the bundled corpus, the per-layer-shape model code, the card template and
+the optimum-cli plug-in as one PEP 420 namespace file."""
 
 import subprocess
 import sys
@@ -33,6 +34,11 @@ def test_wheel_contents(tmp_path):
     for novel in ("emma", "persuasion", "sensesensibility"):
         assert f"optimum_mosaic/data/austen/{novel}.txt.gz" in names
     assert "optimum_mosaic/models/modeling_mosaic.py" in names
+    assert {"optimum_mosaic/model_cards/__init__.py", "optimum_mosaic/model_cards/template.md"} <= names
+    assert "optimum/commands/register/register_mosaic.py" in names
+    namespace_inits = {"optimum/__init__.py", "optimum/commands/__init__.py", "optimum/commands/register/__init__.py"}
+    assert not names & namespace_inits  # PEP 420: optimum's namespaces must stay without __init__.py
+    assert [n for n in names if n.startswith("optimum/")] == ["optimum/commands/register/register_mosaic.py"]
     assert not any(n.startswith(("tests/", "benchmarks/", "integrations/")) for n in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "optimum-mosaic = optimum_mosaic.commands:main" in zipfile.ZipFile(wheel).read(entry_points).decode()

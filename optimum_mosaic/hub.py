@@ -1,0 +1,150 @@
+"""Push a Mosaic-pruned model to the Hugging Face Hub with its generated model card (``model_card.py``).
+
+``push_to_hub`` saves an in-memory model (or takes a checkpoint directory), creates the repo, reads the
+README.md already there, and uploads weights, config, tokenizer, sidecar and card in one commit.
+``attach_hub_methods(model)`` makes ``model.push_to_hub(repo_id)`` do exactly that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import functools
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+from .model_card import (  # noqa: F401  (re-exported: the card API is part of the Hub API)
+    MARK_END,
+    MARK_START,
+    TAGS,
+    TOKENIZER_FILES,
+    facts_from_dir,
+    is_mosaic_dir,
+    looks_like_repo_id,
+    model_record,
+    render,
+    render_card,
+    template_path,
+)
+
+_WEIGHT_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+
+
+# -- push ---------------------------------------------------------------------------------------------
+def _copy_companions(source: str | None, target: Path) -> None:
+    """Tokenizer files (and a Mosaic checkpoint's README.md) of the directory the model was loaded from."""
+    source_dir = Path(str(source or ""))
+    if not source or not source_dir.is_dir():
+        return
+    patterns = TOKENIZER_FILES + (("README.md",) if is_mosaic_dir(source_dir) else ())
+    for file in source_dir.iterdir():
+        if (
+            file.is_file()
+            and any(fnmatch.fnmatch(file.name, p) for p in patterns)
+            and not (target / file.name).exists()
+        ):
+            shutil.copyfile(file, target / file.name)
+
+
+@contextlib.contextmanager
+def _checkpoint(model_or_dir, tokenizer):
+    """Yield ``(directory, name_or_path)``: the directory as is, or the model saved into a temporary one."""
+    if isinstance(model_or_dir, (str, os.PathLike)):
+        path = Path(model_or_dir)
+        if not path.is_dir():
+            raise ValueError(f"{path} is not a directory: pass a pruned checkpoint directory or a pruned model")
+        yield path, None
+        return
+    model = model_or_dir
+    if getattr(model, "hf_quantizer", None) is not None:
+        raise ValueError("push the unquantized pruned model; bitsandbytes quantization is applied at load time")
+    from .serialization import save_pruned
+
+    config, report = model_record(model)
+    with tempfile.TemporaryDirectory(prefix="mosaic-push-") as tmp:
+        target = Path(tmp) / "checkpoint"
+        save_pruned(model, tokenizer, target, config, SimpleNamespace(to_dict=lambda: report))
+        _copy_companions(getattr(model, "name_or_path", None), target)
+        yield target, getattr(model, "name_or_path", None)
+
+
+def _remote_card(api, repo_id: str, revision: str | None) -> str | None:
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+
+    with tempfile.TemporaryDirectory(prefix="mosaic-card-") as cache:
+        try:
+            path = api.hf_hub_download(repo_id, "README.md", revision=revision, cache_dir=cache)
+        except RemoteEntryNotFoundError:
+            return None
+        return Path(path).read_text(encoding="utf-8")
+
+
+def _local_files(directory: Path) -> dict[str, Path]:
+    files = {}
+    for file in sorted(directory.rglob("*")):
+        rel = file.relative_to(directory)
+        if file.is_file() and not any(p.startswith(".") or p == "__pycache__" for p in rel.parts):
+            files[rel.as_posix()] = file
+    return files
+
+
+def _operations(api, repo_id: str, revision: str | None, directory: Path, card: str) -> list:
+    """Add every local file and the card; delete remote weight files the new checkpoint does not have."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+    local = _local_files(directory)
+    local.pop("README.md", None)
+    ops = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path)) for rel, path in local.items()]
+    ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8")))
+    remote = api.list_repo_files(repo_id, revision=revision)
+    stale = [f for f in remote if f not in local and any(fnmatch.fnmatch(f.split("/")[-1], p) for p in _WEIGHT_FILES)]
+    return ops + [CommitOperationDelete(path_in_repo=f) for f in stale]
+
+
+def push_to_hub(
+    model_or_dir,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool | None = None,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    base_model: str | None = None,
+    tokenizer=None,
+    tags: list[str] | None = None,
+    endpoint: str | None = None,
+) -> str:
+    """Upload a pruned checkpoint directory, or a pruned model (saved first, with ``tokenizer`` if given),
+    to ``repo_id`` with its card, in one commit. Returns the commit URL.
+
+    ``token``: default the ``HF_TOKEN`` environment variable or the cached login, as huggingface_hub does;
+    it is sent to the Hub only and never written to a file. ``revision``: a branch, created if missing.
+    """
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=endpoint, token=token)
+    with _checkpoint(model_or_dir, tokenizer) as (directory, name_or_path):
+        facts = facts_from_dir(directory)
+        facts.name_or_path = name_or_path or facts.name_or_path
+        api.create_repo(repo_id, exist_ok=True, private=private)
+        if revision is not None:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        remote = _remote_card(api, repo_id, revision)
+        card = render(facts, base_model, remote, repo_id, tags)
+        commit = api.create_commit(
+            repo_id,
+            _operations(api, repo_id, revision, directory, str(card)),
+            commit_message=commit_message or "Upload Mosaic-pruned model with optimum-mosaic",
+            revision=revision,
+        )
+    return commit.commit_url
+
+
+def attach_hub_methods(model):
+    """Bind ``model.push_to_hub(repo_id, **options)`` to :func:`push_to_hub` (weights + sidecar + card)
+    instead of transformers' plain push. Returns the model."""
+    model.push_to_hub = functools.partial(push_to_hub, model)
+    return model

@@ -1,0 +1,66 @@
+"""Every example runs, end to end, on a tiny checkpoint (the same code that runs on SmolLM2-135M)."""
+
+import runpy
+from pathlib import Path
+
+import pytest
+from conftest import char_tokenizer, tiny_llama
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+TEXT = (
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want "
+    "of a wife. However little known the feelings or views of such a man may be on his first entering a "
+    "neighbourhood, this truth is so well fixed in the minds of the surrounding families. "
+) * 12
+
+
+def example(name: str):
+    return runpy.run_path(str(EXAMPLES / f"{name}.py"), run_name="example")["main"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("examples")
+    dense = root / "dense"
+    tiny_llama(num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=3, hidden_size=96).save_pretrained(dense)
+    char_tokenizer().save_pretrained(dense)
+    (root / "text.txt").write_text(TEXT)
+    return root
+
+
+@pytest.fixture(scope="module")
+def pruned(files):
+    argv = ["--model", str(files / "dense"), "--text", str(files / "text.txt"), "--output", str(files / "pruned")]
+    result = example("prune_smollm2")(argv + ["--nsamples", "4", "--seqlen", "32", "--eval-windows", "2"])
+    return files / "pruned", result
+
+
+def test_prune_example(pruned):
+    _, result = pruned
+    assert result["report"].achieved_sparsity == pytest.approx(0.5, abs=2e-3)
+    assert result["report"].structured_sparsity == pytest.approx(0.25, abs=0.06)
+    assert result["parameters"] < tiny_llama(num_hidden_layers=2, hidden_size=96).num_parameters()
+    assert 1 < result["dense"] < 3 * 96 and 1 < result["pruned"] < 3 * 96  # random weights: near the vocabulary size
+
+
+@pytest.mark.parametrize("bits", ["4", "8"])
+def test_bnb_example(pruned, files, bits):
+    pytest.importorskip("bitsandbytes")
+    path, _ = pruned
+    argv = ["--model", str(path), "--bits", bits, "--prompt", "It is a", "--seqlen", "32", "--eval-windows", "2"]
+    result = example("bnb_on_pruned")(argv + ["--text", str(files / "text.txt")])
+    assert result["report"].masks_intact and result["report"].sparsity_before > 0.3
+    assert len(result["text"]) > 0
+    assert result["perplexity"]["quantized"] == pytest.approx(result["perplexity"]["full"], rel=0.25)
+
+
+def test_lora_example(pruned, files):
+    pytest.importorskip("peft")
+    path, _ = pruned
+    argv = ["--model", str(path), "--text", str(files / "text.txt"), "--steps", "3", "--seqlen", "32"]
+    result = example("lora_on_pruned")(argv + ["--output", str(files / "lora")])
+    assert result["after"] == result["before"] > 0.3
+
+    from optimum_mosaic import PrunedModelForCausalLM
+
+    PrunedModelForCausalLM.from_pretrained(files / "lora")  # zero counts checked against the sidecar
