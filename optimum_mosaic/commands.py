@@ -1,5 +1,5 @@
-"""Command line: ``optimum-mosaic prune|eval``. The prune flags are generated from ``PrunedConfig``'s
-fields and help texts, so the CLI and the Python API cannot drift apart."""
+"""Command line: ``optimum-mosaic prune|eval|push`` (also ``optimum-cli mosaic ...``). The prune flags are
+generated from ``PrunedConfig``'s fields and help texts, so the CLI and the Python API cannot drift apart."""
 
 from __future__ import annotations
 

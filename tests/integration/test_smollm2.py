@@ -77,11 +77,24 @@ def test_composite_shrinks_and_reloads_through_auto_class(pruner, dense_state, d
     assert sum(p.numel() for p in model.model.layers.parameters()) < 0.82 * dense_params
     # no retraining: removing whole units costs far more than zeros on a 135M model (see benchmarks/);
     # this bound only catches a broken model (a wrong slice gives thousands)
-    assert ppl(pruner) < 20.0 * dense_ppl
+    composite_ppl = ppl(pruner)
+    assert composite_ppl < 20.0 * dense_ppl
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "composite")
     x = torch.randint(0, 1000, (1, 64))
     with torch.no_grad():
         assert torch.equal(model(x).logits, reloaded(x).logits)
+    # bitsandbytes 4-bit on top of the shape-reduced checkpoint: every pruned zero survives, text comes out
+    from transformers import BitsAndBytesConfig
+
+    quantized = PrunedModelForCausalLM.from_pretrained(
+        tmp_path / "composite", quantization_config=BitsAndBytesConfig(load_in_4bit=True)
+    )
+    assert quantized.mosaic_quantization.masks_intact
+    assert quantized.mosaic_quantization.memory_footprint_bytes < 0.5 * model.get_memory_footprint()
+    quantized_ppl = perplexity(quantized, pruner.tokenizer, seqlen=256, max_windows=12, progress=False)
+    assert 0.8 * composite_ppl < quantized_ppl < 1.5 * composite_ppl
+    ids = pruner.tokenizer("It was a bright morning in Bath, and Anne", return_tensors="pt").input_ids
+    assert quantized.generate(ids, max_new_tokens=8, do_sample=False).shape[1] == ids.shape[1] + 8
     # the pruner's model object was re-shaped: restore a dense model for any later test
     pruner.model = AutoModelForCausalLM.from_pretrained(pruner_path(), dtype=torch.float32).eval()
 
