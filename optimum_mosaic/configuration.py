@@ -18,6 +18,7 @@ SIDECAR_NAME = "mosaic_config.json"
 AUTO = "auto"
 PAPER_LAMDA = 0.08  # λ of the paper's README example
 PAPER_OUTLIER_THRESHOLD = 5.0  # M of the paper's README example (its argparse default is 3)
+SENSITIVITY_ALPHA = 0.1  # α of the sensitivity-aware allocation (Shao et al.)
 _NM = re.compile(r"^(\d+):(\d+)$")
 
 
@@ -34,7 +35,9 @@ class PrunedConfig:
     allocation: str | None = field(
         default=None,
         metadata={
-            "help": "How sparsity is spread: uniform | layer (OWL) | projection (Mosaic POD) | projection_official. Default projection (uniform for N:M)."
+            "help": "How sparsity is spread: uniform | layer (OWL) | projection (Mosaic POD) | projection_official | "
+            "sensitivity (input-Hessian proxy) | sensitivity_hutchinson (loss-Hessian trace). Default projection "
+            "(uniform for N:M)."
         },
     )
     pruner: str = field(default="sparsegpt", metadata={"help": "Unstructured method: magnitude | wanda | sparsegpt."})
@@ -47,7 +50,7 @@ class PrunedConfig:
         metadata={
             "help": "λ: sparsities stay in [S-|λ|, S+|λ|]; λ > 0 keeps more weights where outliers are denser "
             "(the paper), λ < 0 the reverse; 'auto' searches both signs on held-out calibration windows. "
-            "Default 'auto' for projection, 0.08 otherwise."
+            "Default 'auto' for projection, 0.1 (the paper's α) for sensitivity, 0.08 otherwise."
         },
     )
     outlier_threshold: float | str | None = field(
@@ -83,6 +86,14 @@ class PrunedConfig:
         default=0.01, metadata={"help": "SparseGPT: dampening added to diag(H), as a fraction of its mean."}
     )
     block_size: int = field(default=128, metadata={"help": "SparseGPT: columns per lazy-update block."})
+    saliency: str = field(
+        default="obs",
+        metadata={"help": "SparseGPT mask score: obs (w²/[H⁻¹]_jj) or isc (Shao et al.: w²·(H_jj + 1/[H⁻¹]_jj))."},
+    )
+    hessian_samples: int = field(
+        default=16,
+        metadata={"help": "sensitivity_hutchinson: calibration windows (one Rademacher vector each) in the estimate."},
+    )
     search_samples: int = field(
         default=8, metadata={"help": "Extra held-out calibration windows that score the 'auto' λ/M candidates."}
     )
@@ -96,7 +107,9 @@ class PrunedConfig:
             self.sparsity = nm[0] / nm[1] if nm else 0.5
         projection = self.allocation == "projection"
         if self.lamda is None:
-            self.lamda = AUTO if projection else PAPER_LAMDA
+            self.lamda = (
+                AUTO if projection else SENSITIVITY_ALPHA if self.allocation.startswith("sensitivity") else PAPER_LAMDA
+            )
         if self.outlier_threshold is None:
             self.outlier_threshold = AUTO if projection else PAPER_OUTLIER_THRESHOLD
         self._validate()
@@ -164,7 +177,8 @@ class PrunedConfig:
             "structured_units",
             f"must be a non-empty subset of ['mlp', 'attention'], got {self.structured_units}",
         )
-        for name in ("nsamples", "seqlen", "block_size", "search_samples"):
+        _check(self.saliency in ("obs", "isc"), "saliency", f"must be 'obs' or 'isc', got {self.saliency!r}")
+        for name in ("nsamples", "seqlen", "block_size", "search_samples", "hessian_samples"):
             _check(
                 int(getattr(self, name)) >= (2 if name == "seqlen" else 1),
                 name,

@@ -12,6 +12,7 @@ from transformers.utils import logging
 
 from .allocation.outliers import OutlierProfile, wanda_scores
 from .allocation.search import search_allocation, search_grid, search_thresholds
+from .allocation.sensitivity import hutchinson_traces, input_hessian_proxy
 from .architectures import decoder_layers, get_arch_spec, layer_projections
 from .calibration.data import sample_windows
 from .calibration.layerwise import Activations, capture, collect_statistics, forward_layer, on_device
@@ -67,6 +68,8 @@ class Pruner:
         structured = config.structured_sparsity > 0
         if allocator.needs or kernel.needs or structured:
             acts, heldout = self._calibrate(config, calibration_dataset, batch_size)
+        if "loss_hessian" in allocator.needs:
+            profile.sensitivity = self._loss_hessian_traces(config, targets)
         clock["calibration"] = time.perf_counter()
         if "outliers" in allocator.needs or structured:
             thresholds = search_thresholds(config.lamda, config.outlier_threshold)
@@ -134,7 +137,15 @@ class Pruner:
             "held_out": holdout,
             "source": "bundled Austen novels" if data is None else "user data",
         }
+        self._windows = windows
         return capture(self.model, self.spec, windows, self.device, batch_size), heldout
+
+    def _loss_hessian_traces(self, config, targets: Targets) -> dict:
+        """Hutchinson estimate of every target matrix's loss-Hessian trace (allocation/sensitivity.py)."""
+        weights = {key: lin.weight for key, lin in _flat(targets).items()}
+        windows = self._windows[: config.hessian_samples]
+        self.model.to(self.device)  # the double backward needs the whole model on one device
+        return hutchinson_traces(self.model, windows, weights, samples=1, seed=config.seed)
 
     def _owners(self, idx: int, targets: Targets) -> dict[str, str]:
         """Projection → the projection whose input hook serves it (q, k, v share one input, so do gate and up)."""
@@ -161,6 +172,8 @@ class Pruner:
                     stats, out = self._layer_statistics(layers[idx], acts, idx, targets, hessian=False)
                     scores = {p: wanda_scores(lin.weight, stats[p].sumsq) for p, lin in targets[idx].items()}
                     profile.add_layer(idx, scores, thresholds)
+                    for p, s in stats.items():  # sensitivity proxy, unless a Hutchinson estimate is there
+                        profile.sensitivity.setdefault((idx, p), input_hessian_proxy(s.sumsq, s.tokens))
                     dense_stats.update({(idx, p): s for p, s in stats.items()})
                 else:
                     out = forward_layer(layers[idx], acts, idx)
@@ -207,7 +220,12 @@ class Pruner:
     def _prune_layers(self, acts, targets: Targets, plan, kernel, config: PrunedConfig) -> None:
         """Sequential pass: statistics from already-pruned inputs, prune, propagate pruned outputs."""
         layers = decoder_layers(self.model, self.spec)
-        options = {"nm": config.nm, "dampening": config.dampening, "block_size": config.block_size}
+        options = {
+            "nm": config.nm,
+            "dampening": config.dampening,
+            "block_size": config.block_size,
+            "saliency": config.saliency,
+        }
         self._dampening = {}
         last = max(targets)
         if all(s == 0 for s in plan.values()):

@@ -1,6 +1,6 @@
 """Allocation: pure functions from outlier statistics to a ``SparsityPlan``."""
 
-from . import owl, pod, uniform  # noqa: F401  (each module registers its method)
+from . import owl, pod, sensitivity, uniform  # noqa: F401  (each module registers its method)
 from .outliers import OutlierProfile, wanda_scores
 
 __all__ = ["OutlierProfile", "wanda_scores"]

@@ -29,6 +29,7 @@ class OutlierProfile:
     numel: dict[Key, int]
     projection: dict[float, dict[Key, float]] = field(default_factory=dict)
     layer: dict[float, dict[int, float]] = field(default_factory=dict)
+    sensitivity: dict[Key, float] = field(default_factory=dict)  # average Hessian trace per weight (sensitivity.py)
 
     def add_layer(self, layer_idx: int, scores: dict[str, torch.Tensor], thresholds) -> None:
         """Record the ratios of one layer's projection scores for every threshold M."""

@@ -6,6 +6,7 @@ the ``k`` lowest ``w² / U_jj²`` over the whole block (N:M: per row, every M co
 column, ``err = (w_j − q_j) / U_jj`` and ``W[:, j:] −= err ⊗ U[j, j:]``, the rest of the matrix
 catching up once per block. ``k`` is exact: blocks get ``round(s·rows·i2) − round(s·rows·i1)`` zeros.
 Deviation: the reference thresholds with ``<=`` at index k, pruning k+1 (or more on ties).
+``saliency="isc"`` scores the mask with ``w²·(H_jj + 1/U_jj²)`` (Shao et al., ICASSP 2024) instead.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def sparsegpt_prune(
     dampening: float = 0.01,
     block_size: int = 128,
     info: dict | None = None,
+    saliency: str = "obs",
     **_,
 ) -> torch.Tensor:
     W = weight.detach().clone().float()
@@ -55,6 +57,7 @@ def sparsegpt_prune(
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     U, damp = inverse_hessian_factor(H, dampening)
+    h_diag = torch.diag(H) + damp * torch.diag(H).mean()  # the damped H_jj, for the ISC score
     if damp != dampening:
         logger.warning("SparseGPT: Cholesky needed dampening %g instead of %g", damp, dampening)
     if info is not None:
@@ -66,16 +69,16 @@ def sparsegpt_prune(
         i2 = min(i1 + block_size, cols)
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
         Err1 = torch.zeros_like(W1)
-        d = torch.diag(U1)
+        d, h1 = torch.diag(U1), h_diag[i1:i2]
         if nm:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
         else:
             k = round(sparsity * rows * i2) - round(sparsity * rows * i1)
-            mask1 = lowest_k_mask(W1.square() / d.square(), k)
+            mask1 = lowest_k_mask(mask_scores(W1, d, h1, saliency), k)
         for i in range(i2 - i1):
             if nm and i % nm[1] == 0:
                 group = slice(i, i + nm[1])
-                mask1[:, group] = nm_mask(W1[:, group].square() / d[group].square(), *nm)
+                mask1[:, group] = nm_mask(mask_scores(W1[:, group], d[group], h1[group], saliency), *nm)
             w = W1[:, i]
             q = w.masked_fill(mask1[:, i], 0.0)
             err = (w - q) / d[i]
@@ -85,6 +88,16 @@ def sparsegpt_prune(
         W[:, i1:i2] = W1
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
     return W.to(weight.dtype)
+
+
+def mask_scores(W: torch.Tensor, d: torch.Tensor, h_diag: torch.Tensor, kind: str = "obs") -> torch.Tensor:
+    """OBS ``w² / U_jj²`` (``U_jj² = [H⁻¹]_jj`` of the columns not yet pruned), or ISC (Shao et al., Eq. 4), which adds
+    the OBD term: ``w² · (H_jj + 1/U_jj²)`` with the damped ``H_jj``."""
+    if kind == "obs":
+        return W.square() / d.square()
+    if kind == "isc":
+        return W.square() * (h_diag + 1.0 / d.square())
+    raise ValueError(f"saliency must be 'obs' or 'isc', got {kind!r}")
 
 
 register_method("sparsegpt", "unstructured", sparsegpt_prune, needs=("hessian",))

@@ -1,0 +1,96 @@
+"""The other one-shot methods next to SparseGPT and Mosaic on the real SmolLM2-135M, at 50 % and 70 %.
+
+    python benchmarks/methods_table.py                       # all runs; --resume keeps finished rows
+    python benchmarks/methods_table.py --runs "uniform ALPS" --sparsities 0.5
+
+Same protocol as ``allocation_table.py`` (same dense weights, 32 × 512 calibration windows, perplexity on the
+first 40 × 512 tokens of *Persuasion*), so the Mosaic rows of ``results/allocation_table.json`` are comparable;
+they are copied into the printed table as reference. Writes ``benchmarks/results/methods_table.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from optimum_mosaic import PrunedConfig, Pruner, perplexity
+from optimum_mosaic.report import format_table
+
+RUNS = {
+    "uniform SparseGPT": dict(allocation="uniform", pruner="sparsegpt"),
+    "sensitivity (proxy, α=0.1) SparseGPT": dict(allocation="sensitivity", pruner="sparsegpt"),
+    "sensitivity (Hutchinson, α=0.1) SparseGPT": dict(allocation="sensitivity_hutchinson", pruner="sparsegpt"),
+    "uniform SparseGPT + ISC": dict(allocation="uniform", pruner="sparsegpt", saliency="isc"),
+    "sensitivity (Hutchinson) + ISC": dict(allocation="sensitivity_hutchinson", pruner="sparsegpt", saliency="isc"),
+    "uniform ALPS": dict(allocation="uniform", pruner="alps"),
+    "uniform APT": dict(allocation="uniform", pruner="apt"),
+}
+REFERENCE = ("projection (auto)", "layer (OWL λ=0.08 M=5)")  # rows of allocation_table.json shown alongside
+
+
+def reference_rows(path: Path, sparsities) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = json.loads(path.read_text())["rows"]
+    keep = [r for r in rows if r["run"] in REFERENCE and r["pruner"] == "sparsegpt" and r["sparsity"] in sparsities]
+    return [{**r, "run": f"{r['run']} SparseGPT (allocation_table.json)"} for r in keep]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7])
+    parser.add_argument("--runs", nargs="+", default=list(RUNS))
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=40)
+    parser.add_argument("--out", default="benchmarks/results/methods_table.json")
+    parser.add_argument("--resume", action="store_true", help="keep the rows already in --out, run the missing ones")
+    args = parser.parse_args()
+
+    pruner = Pruner.from_pretrained(args.model)
+    dense = {k: v.clone() for k, v in pruner.model.state_dict().items()}
+    evaluate = lambda: perplexity(  # noqa: E731
+        pruner.model, pruner.tokenizer, seqlen=args.seqlen, max_windows=args.eval_windows, progress=False
+    )
+    out = Path(args.out)
+    rows = json.loads(out.read_text())["rows"] if args.resume and out.exists() else []
+    done = {(r["run"], r["sparsity"]) for r in rows}
+    for sparsity in args.sparsities:
+        for name in args.runs:
+            if (name, sparsity) in done:
+                continue
+            pruner.model.load_state_dict(dense)
+            config = PrunedConfig(sparsity=sparsity, nsamples=args.nsamples, seqlen=args.seqlen, **RUNS[name])
+            start = time.perf_counter()
+            pruner.prune(config)
+            report = pruner.report
+            row = {
+                "run": name,
+                "sparsity": sparsity,
+                "ppl": evaluate(),
+                "achieved": report.achieved_sparsity,
+                "prune_s": round(time.perf_counter() - start, 1),
+                "timings": report.timings,
+                "plan_range": [min(v for layer in report.plan.values() for v in layer.values()),
+                               max(v for layer in report.plan.values() for v in layer.values())],
+            }  # fmt: skip
+            rows.append(row)
+            print({k: v for k, v in row.items() if k != "timings"}, flush=True)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1, ensure_ascii=False) + "\n")
+    table = rows + reference_rows(out.parent / "allocation_table.json", args.sparsities)
+    base = {r["sparsity"]: r["ppl"] for r in rows if r["run"] == "uniform SparseGPT"}
+    for r in table:
+        r["vs uniform SparseGPT"] = f"{r['ppl'] / base[r['sparsity']]:.3f}×" if r["sparsity"] in base else "-"
+    table.sort(key=lambda r: (r["sparsity"], r["ppl"]))
+    print(format_table(table, ["run", "sparsity", "achieved", "ppl", "vs uniform SparseGPT", "prune_s"]))
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    main()
