@@ -40,7 +40,9 @@ class PrunedConfig:
             "(uniform for N:M)."
         },
     )
-    pruner: str = field(default="sparsegpt", metadata={"help": "Unstructured method: magnitude | wanda | sparsegpt."})
+    pruner: str = field(
+        default="sparsegpt", metadata={"help": "Unstructured method: magnitude | wanda | sparsegpt | alps | apt."}
+    )
     pattern: str = field(
         default="unstructured",
         metadata={"help": "'unstructured', or 'N:M' = N zeros in every M consecutive input weights (e.g. 2:4)."},

@@ -35,11 +35,15 @@ _ALLOCATIONS = {
     "layer": "OWL, one sparsity per layer from its outlier ratio",
     "projection": "Mosaic, one sparsity per (layer, projection) from the projection outlier distribution",
     "projection_official": "Mosaic as in the released code (OWL plus an offset per projection type)",
+    "sensitivity": "sensitivity-aware mixed sparsity, ranked by the input-Hessian trace proxy",
+    "sensitivity_hutchinson": "sensitivity-aware mixed sparsity, ranked by Hutchinson loss-Hessian traces",
 }
 _PRUNERS = {
     "magnitude": "smallest weight magnitudes of the whole matrix",
     "wanda": "smallest magnitude × input-activation norm in each output row",
     "sparsegpt": "SparseGPT, second-order pruning with weight updates",
+    "alps": "ALPS, ADMM layer-wise pruning with conjugate-gradient refinement",
+    "apt": "APT-style joint multi-weight OBS pruning per column block",
 }
 
 
