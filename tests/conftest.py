@@ -39,6 +39,15 @@ def token_windows(n: int = 8, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (n, seqlen), generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls run as fast on one thread and avoid OpenMP threads contending on a shared, busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def model():
     return tiny_llama()

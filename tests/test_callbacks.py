@@ -28,13 +28,7 @@ DATA = [{"input_ids": row, "labels": row} for row in token_windows(n=32, seqlen=
 SCHEDULE = dict(final_sparsity=0.6, initial_sparsity=0.1, start_step=2, end_step=14, frequency=3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models train ~6x faster on one thread when the CPU is shared (OpenMP threads contend)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Recorder(TrainerCallback):

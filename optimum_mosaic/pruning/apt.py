@@ -34,7 +34,7 @@ from transformers.utils import logging
 
 from ..registry import register_method
 from .masks import lowest_k_mask, nm_mask
-from .sparsegpt import inverse_hessian_factor
+from .sparsegpt import prepare_obs
 
 logger = logging.get_logger(__name__)
 
@@ -77,19 +77,8 @@ def apt_prune(
     info: dict | None = None,
     **_,
 ) -> torch.Tensor:
-    W = weight.detach().clone().float()
+    W, _, U, _ = prepare_obs(weight, stats, dampening, nm, block_size, info, "APT")
     rows, cols = W.shape
-    H = stats.hessian.to(W.device, torch.float32, copy=True)
-    dead = torch.diag(H) == 0  # as SparseGPT: never-active inputs get H_jj = 1 and zero weights
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    U, damp = inverse_hessian_factor(H, dampening)
-    if damp != dampening:
-        logger.warning("APT: Cholesky needed dampening %g instead of %g", damp, dampening)
-    if info is not None:
-        info["dampening"] = damp
-    if nm and block_size % nm[1]:
-        raise ValueError(f"block_size {block_size} must be a multiple of M={nm[1]} for an N:M pattern")
     if nm and cols % nm[1]:
         raise ValueError(f"N:M pattern {nm[0]}:{nm[1]} needs the input size ({cols}) to be a multiple of {nm[1]}")
 

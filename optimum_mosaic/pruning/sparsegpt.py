@@ -38,6 +38,25 @@ def inverse_hessian_factor(H: torch.Tensor, dampening: float, max_retries: int =
     )
 
 
+def prepare_obs(weight, stats, dampening: float, nm, block_size: int, info: dict | None, method: str):
+    """``(W, H, U, δ)`` shared by the OBS kernels: an fp32 copy of the weight, ``H`` with never-active inputs set to
+    ``H_jj = 1`` (their weights zeroed: they are useless and would make H singular), the factor ``U`` and the
+    dampening actually used (recorded in ``info``)."""
+    W = weight.detach().clone().float()
+    H = stats.hessian.to(W.device, torch.float32, copy=True)
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    U, damp = inverse_hessian_factor(H, dampening)
+    if damp != dampening:
+        logger.warning("%s: Cholesky needed dampening %g instead of %g", method, damp, dampening)
+    if info is not None:
+        info["dampening"] = damp
+    if nm and block_size % nm[1]:
+        raise ValueError(f"block_size {block_size} must be a multiple of M={nm[1]} for an N:M pattern")
+    return W, H, U, damp
+
+
 @torch.no_grad()
 def sparsegpt_prune(
     weight: torch.Tensor,
@@ -50,20 +69,9 @@ def sparsegpt_prune(
     saliency: str = "obs",
     **_,
 ) -> torch.Tensor:
-    W = weight.detach().clone().float()
+    W, H, U, damp = prepare_obs(weight, stats, dampening, nm, block_size, info, "SparseGPT")
     rows, cols = W.shape
-    H = stats.hessian.to(W.device, torch.float32, copy=True)
-    dead = torch.diag(H) == 0  # inputs never active: keep H invertible, their weights are useless
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    U, damp = inverse_hessian_factor(H, dampening)
     h_diag = torch.diag(H) + damp * torch.diag(H).mean()  # the damped H_jj, for the ISC score
-    if damp != dampening:
-        logger.warning("SparseGPT: Cholesky needed dampening %g instead of %g", damp, dampening)
-    if info is not None:
-        info["dampening"] = damp
-    if nm and block_size % nm[1]:
-        raise ValueError(f"block_size {block_size} must be a multiple of M={nm[1]} for an N:M pattern")
 
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)

@@ -10,14 +10,7 @@ from optimum_mosaic.pruning.masks import lowest_k_mask
 from optimum_mosaic.pruning.sparsegpt import sparsegpt_prune
 from optimum_mosaic.pruning.wanda import wanda_prune
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: intra-op threads only add contention on a shared 2-core machine (1 s vs 5 ms a call)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def problem(seed=0, rows=16, cols=32, tokens=256):
