@@ -35,6 +35,29 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
 
 
+def hessian_stats(X: torch.Tensor):
+    """``InputStatistics`` (Σx², H = XᵀX) of the inputs ``X`` (tokens × d)."""
+    from optimum_mosaic.calibration.statistics import InputStatistics
+
+    stats = InputStatistics.empty(X.shape[1], True)
+    stats.update(X)
+    return stats
+
+
+def correlated_problem(seed: int = 0, rows: int = 16, cols: int = 32, tokens: int = 256):
+    """A weight and the statistics of correlated inputs ``X = Z A``, so that ``H = XᵀX`` is far from diagonal."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, cols, generator=g)
+    X = torch.randn(tokens, cols, generator=g) @ torch.randn(cols, cols, generator=g)
+    return W, hessian_stats(X)
+
+
+def reconstruction_error(W: torch.Tensor, pruned: torch.Tensor, H: torch.Tensor) -> float:
+    """The layer objective ``tr((W − Ŵ) H (W − Ŵ)ᵀ)`` in float64."""
+    E = (W - pruned).double()
+    return torch.trace(E @ H.double() @ E.T).item()
+
+
 def token_windows(n: int = 8, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (n, seqlen), generator=torch.Generator().manual_seed(seed))
 

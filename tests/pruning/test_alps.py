@@ -2,8 +2,10 @@
 
 import pytest
 import torch
+from conftest import correlated_problem as problem
+from conftest import hessian_stats
+from conftest import reconstruction_error as layer_error
 
-from optimum_mosaic.calibration.statistics import InputStatistics
 from optimum_mosaic.pruning import alps
 from optimum_mosaic.pruning.alps import alps_prune, keep_top_k, rho_step
 from optimum_mosaic.pruning.masks import lowest_k_mask
@@ -11,22 +13,6 @@ from optimum_mosaic.pruning.sparsegpt import sparsegpt_prune
 from optimum_mosaic.pruning.wanda import wanda_prune
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def problem(seed=0, rows=16, cols=32, tokens=256):
-    """Correlated inputs ``X = Z A`` so that ``H = XᵀX`` is far from diagonal."""
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(rows, cols, generator=g)
-    X = torch.randn(tokens, cols, generator=g) @ torch.randn(cols, cols, generator=g)
-    stats = InputStatistics.empty(cols, True)
-    stats.update(X)
-    return W, stats
-
-
-def layer_error(W, Wp, H):
-    """``tr((W − Ŵ) H (W − Ŵ)ᵀ)`` in float64."""
-    E = (W - Wp).double()
-    return torch.trace(E @ H.double() @ E.T).item()
 
 
 # -- the ρ schedule -------------------------------------------------------------------------------
@@ -93,8 +79,7 @@ def test_dead_inputs_are_zeroed():
     g = torch.Generator().manual_seed(4)
     W, X = torch.randn(8, 16, generator=g), torch.randn(64, 16, generator=g)
     X[:, 3] = 0
-    stats = InputStatistics.empty(16, True)
-    stats.update(X)
+    stats = hessian_stats(X)
     out = alps_prune(W, stats, 0.5)
     assert (out[:, 3] == 0).all() and (out == 0).sum().item() == 64 and out.isfinite().all()
 
@@ -161,8 +146,7 @@ def test_final_weights_are_least_squares_on_the_support(sparsity, nm):
     g = torch.Generator().manual_seed(8)
     W = torch.randn(4, 8, generator=g)
     X = torch.randn(64, 8, generator=g) @ (torch.eye(8) + 0.4 * torch.randn(8, 8, generator=g))
-    stats = InputStatistics.empty(8, True)
-    stats.update(X)
+    stats = hessian_stats(X)
     out = alps_prune(W, stats, sparsity, nm=nm)
     H = stats.hessian.double()
     Hd = H + 0.01 * torch.diag(H).mean() * torch.eye(8, dtype=torch.float64)

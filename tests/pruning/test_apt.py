@@ -2,8 +2,10 @@
 
 import pytest
 import torch
+from conftest import correlated_problem as problem
+from conftest import hessian_stats as stats_from
+from conftest import reconstruction_error as layer_error
 
-from optimum_mosaic.calibration.statistics import InputStatistics
 from optimum_mosaic.pruning.apt import apt_prune
 from optimum_mosaic.pruning.sparsegpt import sparsegpt_prune
 from optimum_mosaic.pruning.wanda import wanda_prune
@@ -11,30 +13,11 @@ from optimum_mosaic.pruning.wanda import wanda_prune
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def stats_from(X):
-    stats = InputStatistics.empty(X.shape[1], True)
-    stats.update(X)
-    return stats
-
-
-def problem(seed=0, rows=16, cols=32, tokens=256):
-    """Correlated inputs ``X = Z A`` so that ``H = XᵀX`` is far from diagonal."""
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(rows, cols, generator=g)
-    X = torch.randn(tokens, cols, generator=g) @ torch.randn(cols, cols, generator=g)
-    return W, stats_from(X)
-
-
 def tiny(seed):
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(3, 8, generator=g)
     X = torch.randn(64, 8, generator=g) @ (torch.eye(8) + 0.5 * torch.randn(8, 8, generator=g))
     return W, stats_from(X)
-
-
-def layer_error(W, Wp, H):
-    E = (W - Wp).double()
-    return torch.trace(E @ H.double() @ E.T).item()
 
 
 def damped_inverse(H, damp=0.01):
