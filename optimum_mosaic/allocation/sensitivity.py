@@ -40,34 +40,52 @@ def input_hessian_proxy(sumsq: torch.Tensor, tokens: int) -> float:
 
 
 def hutchinson_traces(
-    model, windows: torch.Tensor, weights: dict[Key, torch.nn.Parameter], samples: int = 1, batch_size: int = 1, seed=0
+    model, windows: torch.Tensor, weights: dict[Key, torch.Tensor], samples: int = 1, batch_size: int = 1, seed=0
 ) -> dict[Key, float]:
     """``{key: Tr(∇²_W L) / numel(W)}`` by Hutchinson's estimator over ``samples`` Rademacher vectors per batch.
 
     L is the mean next-token cross-entropy of ``model`` on ``windows``; only ``weights`` need gradients
     (their ``requires_grad`` is restored afterwards). Cost: one forward and a double backward per sample.
+    A weight may be a view of a parameter (a row block of a fused weight): its trace sums over its own entries.
     """
     generator = torch.Generator().manual_seed(seed)
-    keys, params = list(weights), [weights[k] for k in weights]
+    keys, views = list(weights), [weights[k] for k in weights]
+    params = list({id(p): p for p in map(_leaf, views)}.values())  # row blocks of a fused weight share one
     saved = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    totals = torch.zeros(len(params), dtype=torch.float64)
+    owner = [next(i for i, p in enumerate(params) if p is _leaf(v)) for v in views]
+    totals = torch.zeros(len(views), dtype=torch.float64)
     batches = windows.split(batch_size)
     try:
         with sdpa_kernel(SDPBackend.MATH):  # the fused CPU attention kernels have no double backward
-            _accumulate(model, batches, params, samples, generator, totals)
+            _accumulate(model, batches, params, (owner, views), samples, generator, totals)
     finally:
         for p, flag in saved.items():
             p.requires_grad_(flag)
     totals /= len(batches) * samples
-    return {key: float(totals[i]) / params[i].numel() for i, key in enumerate(keys)}
+    return {key: float(totals[i]) / views[i].numel() for i, key in enumerate(keys)}
 
 
-def _accumulate(model, batches, params, samples, generator, totals) -> None:
-    """``totals[i] += zᵢᵀ (∇²L z)ᵢ`` for every batch and Rademacher sample (z over all matrices at once)."""
+def _leaf(weight: torch.Tensor) -> torch.Tensor:
+    """The parameter a weight is, or is a view of (a row block of a fused projection)."""
+    return weight if weight._base is None else weight._base
+
+
+def _region(full: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+    """The entries of ``full`` (shaped and laid out like ``view``'s contiguous parameter) that ``view`` covers."""
+    if view._base is None:
+        return full
+    offset = view.storage_offset() - view._base.storage_offset()
+    return full.contiguous().as_strided(view.shape, view.stride(), offset)
+
+
+def _accumulate(model, batches, params, blocks, samples, generator, totals) -> None:
+    """``totals[i] += Σ (z ⊙ ∇²L z)`` over weight i's entries, for every batch and Rademacher sample (z over
+    all matrices at once)."""
+    owner, views = blocks
     device = params[0].device
     for batch in tqdm(batches, desc="Hutchinson trace"):
         batch = batch.to(device)
@@ -76,7 +94,10 @@ def _accumulate(model, batches, params, samples, generator, totals) -> None:
         for _ in range(samples):
             zs = [(torch.randint(0, 2, p.shape, generator=generator) * 2 - 1).to(p) for p in params]
             hvs = torch.autograd.grad(grads, params, grad_outputs=zs, retain_graph=True)
-            totals += torch.stack([(z * hv).sum().double().cpu() for z, hv in zip(zs, hvs, strict=True)])
+            products = [z * hv for z, hv in zip(zs, hvs, strict=True)]
+            totals += torch.stack(
+                [_region(products[i], v).sum().double().cpu() for i, v in zip(owner, views, strict=True)]
+            )
 
 
 def sensitivity_allocation(profile, sparsity: float, lamda: float, **_) -> SparsityPlan:

@@ -31,19 +31,21 @@ def fit_config_to_shapes(model) -> bool:
     from ..structured import model_shapes
 
     spec = get_arch_spec(model)
+    layer_shapes = list(model_shapes(model, spec).values())
     shapes = [
         {"intermediate_size": s.intermediate, "num_attention_heads": s.heads, "num_key_value_heads": s.kv_heads}
-        for s in model_shapes(model, spec).values()
+        for s in layer_shapes
     ]
     config = model.config
     base = config.model_type.removeprefix("mosaic_")
-    head_dim = model_shapes(model, spec)[0].head_dim
+    first = layer_shapes[0]
+    sizes = {"intermediate": first.intermediate, "heads": first.heads, "kv_heads": first.kv_heads}
+    sizes["head_dim"] = first.head_dim
     if all(s == shapes[0] for s in shapes):
         if config.model_type.startswith("mosaic_"):
             return False  # keep the class; layer_shapes below stay true
-        for key, value in shapes[0].items():
-            setattr(config, key, value)
-        config.head_dim = head_dim
+        for field, key in spec.config_keys.items():  # the config attributes this family has
+            setattr(config, key, sizes[field])
         return False
     if base not in MOSAIC_CONFIGS:
         raise UnsupportedArchitectureError(
@@ -51,7 +53,8 @@ def fit_config_to_shapes(model) -> bool:
             "use structured_sparsity=0 for this architecture"
         )
     data = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures", "auto_map")}
-    new = MOSAIC_CONFIGS[base].from_dict({**data, "head_dim": head_dim, "layer_shapes": shapes})
+    head_dim = {"head_dim": first.head_dim} if "head_dim" in spec.config_keys else {}
+    new = MOSAIC_CONFIGS[base].from_dict({**data, **head_dim, "layer_shapes": shapes})
     new._attn_implementation = config._attn_implementation
     model.config = new
     model.__class__ = MOSAIC_MODELS[base]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..architectures import ArchSpec, decoder_layers, layer_projections
-from .budget import LayerCut, LayerShape, plan_cuts
+from .budget import MLP_ROWS, LayerCut, LayerShape, plan_cuts
 from .scores import channel_scores, head_scores, kv_scores, select_channels, select_heads
 from .shrink import mask_units, shrink_attention, shrink_mlp
 
@@ -17,10 +17,11 @@ def layer_shape(layer, spec: ArchSpec) -> LayerShape:
     head_dim = layer.get_submodule(spec.attention).head_dim
     return LayerShape(
         hidden=p["q"].in_features,
-        intermediate=p["gate"].out_features,
+        intermediate=p["down"].in_features,
         heads=p["q"].out_features // head_dim,
         kv_heads=p["k"].out_features // head_dim,
         head_dim=head_dim,
+        mlp_matrices=1 + sum(k in p for k in MLP_ROWS),
     )
 
 
@@ -28,7 +29,9 @@ def choose_units(layer, spec: ArchSpec, stats: dict, cut: LayerCut) -> dict[str,
     """Which channels, query heads and key/value groups layer keeps (``stats``: projection → InputStatistics)."""
     p = layer_projections(layer, spec)
     shape = layer_shape(layer, spec)
-    ch = channel_scores(p["gate"].weight, p["up"].weight, p["down"].weight, stats["gate"].sumsq, stats["down"].sumsq)
+    x = stats[next(k for k in MLP_ROWS if k in stats)].sumsq  # gate and up read the same input
+    gate = p["gate"].weight if "gate" in p else None
+    ch = channel_scores(gate, p["up"].weight, p["down"].weight, x, stats["down"].sumsq)
     hs = head_scores(p["q"].weight, p["o"].weight, stats["q"].sumsq, stats["o"].sumsq, shape.head_dim)
     kv = kv_scores(p["k"].weight, p["v"].weight, stats["k"].sumsq, shape.head_dim)
     heads, groups = select_heads(hs, kv, cut.groups, cut.heads_per_group)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 ATTENTION = ("q", "k", "v", "o")
 MLP = ("gate", "up", "down")
+MLP_ROWS = ("gate", "up")  # projections whose rows are MLP channels (no gate in a non-GLU MLP)
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class LayerShape:
     heads: int
     kv_heads: int
     head_dim: int
+    mlp_matrices: int = 3  # gate, up, down (2 without a gate)
 
     @property
     def attention_params(self) -> int:
@@ -29,7 +31,7 @@ class LayerShape:
 
     @property
     def mlp_params(self) -> int:
-        return 3 * self.hidden * self.intermediate
+        return self.mlp_matrices * self.hidden * self.intermediate
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,11 @@ def plan_cuts(
 ) -> dict[int, LayerCut]:
     """Per-layer units to keep so that about ``structured_sparsity`` of the prunable parameters go."""
     sparsity = plan.global_sparsity()
-    mean = lambda layer, keys: sum(plan[(layer, k)] for k in keys) / len(keys)  # noqa: E731
+
+    def mean(layer, keys) -> float:
+        present = [plan[(layer, k)] for k in keys if (layer, k) in plan]
+        return sum(present) / len(present)
+
     total = sum(s.attention_params + s.mlp_params for s in shapes.values())
     cuts, removed_attention = {}, 0
     for layer, shape in shapes.items():
@@ -71,7 +77,7 @@ def plan_cuts(
     out = {}
     for layer, shape in shapes.items():
         remove_params = rest * weights[layer] / norm
-        channels = shape.intermediate - round(remove_params / (3 * shape.hidden))
+        channels = shape.intermediate - round(remove_params / (shape.mlp_matrices * shape.hidden))
         channels = max(int(min_keep * shape.intermediate), min(shape.intermediate, channels))
         out[layer] = LayerCut(channels, *cuts[layer])
     return out

@@ -6,18 +6,20 @@ from __future__ import annotations
 import torch
 
 from ..allocation.fit import fit_to_target
-from ..architectures import PROJECTIONS, ArchSpec, decoder_layers, layer_projections
+from ..architectures import ArchSpec, check_structured, decoder_layers, layer_projections
 from ..plan import SparsityPlan
 from . import apply_cuts, choose_units, model_shapes, plan_cuts
+from .budget import MLP_ROWS
 
 
 def shrink_by_plan(model, spec: ArchSpec, dense_stats: dict, plan: SparsityPlan, beta: float, units) -> None:
     """Remove units layer by layer, ``plan`` deciding how much each layer gives up (see ``budget``)."""
+    check_structured(spec, units, model.config.model_type)
     layers = decoder_layers(model, spec)
-    full = {i for i in range(len(layers)) if all((i, p) in dense_stats for p in PROJECTIONS)}
+    full = {i for i in range(len(layers)) if all((i, p) in dense_stats for p in spec.keys)}
     cuts = plan_cuts(plan, {i: s for i, s in model_shapes(model, spec).items() if i in full}, beta, units)
     for idx, cut in cuts.items():
-        stats = {p: dense_stats[(idx, p)] for p in PROJECTIONS}
+        stats = {p: dense_stats[(idx, p)] for p in spec.keys}
         apply_cuts(layers[idx], spec, choose_units(layers[idx], spec, stats, cut))
 
 
@@ -41,15 +43,20 @@ def remainder_plan(plan: SparsityPlan, dense_numel: dict, numel: dict, sparsity:
 def remove_empty_units(model, spec: ArchSpec) -> int:
     """Lossless clean-up: drop MLP channels with an all-zero gate row, up row or down column, and
     key/value groups whose v rows are all zero (their heads output exactly zero). Zero q/k rows do not
-    make a head removable: the softmax of zero scores is uniform, not zero. Returns parameters removed."""
+    make a head removable: the softmax of zero scores is uniform, not zero. Only units the architecture
+    can remove (``spec.structured_units``) and layers without biases qualify. Returns parameters removed."""
     before = sum(p.numel() for p in model.parameters())
     for layer in decoder_layers(model, spec):
         p = layer_projections(layer, spec)
-        if any(p[k].bias is not None for k in ("gate", "up", "down", "v")):
+        if not spec.structured_units or any(p[k].bias is not None for k in (*MLP_ROWS, "down", "v") if k in p):
             continue
-        live = (p["gate"].weight != 0).any(1) & (p["up"].weight != 0).any(1) & (p["down"].weight != 0).any(0)
+        live = (p["down"].weight != 0).any(0)
+        for key in [k for k in MLP_ROWS if k in p]:
+            live &= (p[key].weight != 0).any(1)
         head_dim = layer.get_submodule(spec.attention).head_dim
         live_groups = (p["v"].weight != 0).view(-1, head_dim * p["v"].in_features).any(1)
+        live = live if "mlp" in spec.structured_units else torch.ones_like(live)
+        live_groups = live_groups if "attention" in spec.structured_units else torch.ones_like(live_groups)
         if live.all() and live_groups.all() or not live.any() or not live_groups.any():
             continue
         n_rep = p["q"].out_features // p["v"].out_features

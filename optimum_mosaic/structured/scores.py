@@ -7,12 +7,13 @@ import torch
 
 
 def channel_scores(
-    gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, x_sumsq: torch.Tensor, z_sumsq: torch.Tensor
+    gate: torch.Tensor | None, up: torch.Tensor, down: torch.Tensor, x_sumsq: torch.Tensor, z_sumsq: torch.Tensor
 ) -> torch.Tensor:
     """MLP channel i owns row i of gate and up (input X) and column i of down (input Z):
-    ``score_i = Σ_j |gate_ij|‖X_j‖ + Σ_j |up_ij|‖X_j‖ + ‖Z_i‖ Σ_r |down_ri|``."""
+    ``score_i = Σ_j |gate_ij|‖X_j‖ + Σ_j |up_ij|‖X_j‖ + ‖Z_i‖ Σ_r |down_ri|`` (no gate term without a gate)."""
     x = x_sumsq.float().sqrt()
-    return gate.abs().float() @ x + up.abs().float() @ x + down.abs().float().sum(0) * z_sumsq.float().sqrt()
+    rows = sum(w.abs().float() @ x for w in (gate, up) if w is not None)
+    return rows + down.abs().float().sum(0) * z_sumsq.float().sqrt()
 
 
 def head_scores(

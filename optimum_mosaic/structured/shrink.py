@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .budget import MLP_ROWS
+
 
 def slice_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
     """A new Linear holding only the given output ``rows`` and input ``cols`` of ``linear``."""
@@ -38,8 +40,8 @@ def _replace(layer: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def shrink_mlp(layer: nn.Module, paths: dict[str, str], keep: torch.Tensor) -> None:
-    """Keep MLP channels ``keep``: rows of gate and up, columns of down."""
-    for key in ("gate", "up"):
+    """Keep MLP channels ``keep``: rows of gate (if any) and up, columns of down."""
+    for key in [k for k in MLP_ROWS if k in paths]:
         _replace(layer, paths[key], slice_linear(layer.get_submodule(paths[key]), rows=keep))
     _replace(layer, paths["down"], slice_linear(layer.get_submodule(paths["down"]), cols=keep))
 
@@ -68,8 +70,8 @@ def mask_units(
     """Zero (instead of remove) what ``shrink_mlp``/``shrink_attention`` would remove."""
     get = layer.get_submodule
     if channels_removed is not None and len(channels_removed):
-        get(paths["gate"]).weight[channels_removed] = 0
-        get(paths["up"]).weight[channels_removed] = 0
+        for key in [k for k in MLP_ROWS if k in paths]:
+            get(paths[key]).weight[channels_removed] = 0
         get(paths["down"]).weight[:, channels_removed] = 0
     if heads_removed is not None and len(heads_removed):
         get(paths["o"]).weight[:, head_rows(heads_removed, head_dim)] = 0
