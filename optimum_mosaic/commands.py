@@ -44,6 +44,11 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="execution device for the layer walk (cpu, cuda)")
     parser.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward")
     parser.add_argument(
+        "--offload",
+        action="store_true",
+        help="keep the decoder layers on disk, one resident at a time (models larger than memory; needs --output)",
+    )
+    parser.add_argument(
         "--calibration-text", default=None, help="a UTF-8 text file to calibrate on (default: the bundled corpus)"
     )
     parser.add_argument(
@@ -71,6 +76,8 @@ def run_prune(args) -> dict:
     config = config_from_args(args)
     from .pruner import Pruner
 
+    if args.offload:
+        return _run_prune_offloaded(args, config)
     pruner = Pruner.from_pretrained(args.model, device=args.device)
     evaluate = lambda: perplexity(pruner.model, pruner.tokenizer, seqlen=config.seqlen, max_windows=args.eval_windows)  # noqa: E731
     before = evaluate() if args.eval_windows else None
@@ -119,6 +126,24 @@ def run_prune(args) -> dict:
     if args.output:
         print(f"Saved to {args.output}")
     return {"before": before, "after": after, "report": report.to_dict()}
+
+
+def _run_prune_offloaded(args, config) -> dict:
+    """``--offload``: the pruned layers go straight to ``--output``; nothing is evaluated in memory."""
+    from .pruner import Pruner
+
+    if not args.output or args.eval_windows:
+        raise ValueError(
+            "--offload writes the result to --output and cannot evaluate in memory: give --output, drop --eval-windows"
+        )
+    data = open(args.calibration_text, encoding="utf-8").read() if args.calibration_text else None
+    pruner = Pruner.from_pretrained(args.model, device=args.device, offload=True)
+    pruner.prune(config, calibration_dataset=data, save_directory=args.output, batch_size=args.batch_size)
+    report = pruner.report
+    print(
+        f"Pruned {args.model} offloaded: sparsity {report.achieved_sparsity}, {report.timings['total_s']} s. Saved to {args.output}"
+    )
+    return {"before": None, "after": None, "report": report.to_dict()}
 
 
 def run_eval(args) -> float:

@@ -96,6 +96,15 @@ class PrunedConfig:
         default=16,
         metadata={"help": "sensitivity_hutchinson: calibration windows (one Rademacher vector each) in the estimate."},
     )
+    sequential: str = field(
+        default="projection",
+        metadata={
+            "help": "projection: each layer runs once over all calibration windows as one batch and every projection "
+            "is pruned just before it runs, seeing the outputs of the pruned projections before it (one forward per "
+            "layer; activation memory ≈ all windows × the widest projection). layer: statistics from the dense layer, "
+            "then a second forward of the pruned layer (two forwards per layer; any batch size)."
+        },
+    )
     search_samples: int = field(
         default=8, metadata={"help": "Extra held-out calibration windows that score the 'auto' λ/M candidates."}
     )
@@ -178,6 +187,11 @@ class PrunedConfig:
             not bad_units and self.structured_units,
             "structured_units",
             f"must be a non-empty subset of ['mlp', 'attention'], got {self.structured_units}",
+        )
+        _check(
+            self.sequential in ("projection", "layer"),
+            "sequential",
+            f"must be 'projection' or 'layer', got {self.sequential!r}",
         )
         _check(self.saliency in ("obs", "isc"), "saliency", f"must be 'obs' or 'isc', got {self.saliency!r}")
         for name in ("nsamples", "seqlen", "block_size", "search_samples", "hessian_samples"):

@@ -13,9 +13,17 @@ from transformers.utils import logging
 from .allocation.outliers import OutlierProfile, wanda_scores
 from .allocation.search import search_allocation, search_grid, search_thresholds
 from .allocation.sensitivity import hutchinson_traces, input_hessian_proxy
-from .architectures import decoder_layers, get_arch_spec, layer_projections
+from .architectures import check_structured, decoder_layers, get_arch_spec, layer_projections
 from .calibration.data import sample_windows
-from .calibration.layerwise import Activations, capture, collect_statistics, forward_layer, on_device
+from .calibration.distributed import barrier, shard_windows, world
+from .calibration.layerwise import (
+    Activations,
+    capture,
+    collect_statistics,
+    forward_layer,
+    forward_pruning,
+    on_device,
+)
 from .configuration import AUTO, PrunedConfig
 from .evaluation import mean_nll
 from .models import fit_config_to_shapes
@@ -29,28 +37,40 @@ logger = logging.get_logger(__name__)
 class Pruner:
     """Prunes a causal LM in place. ``Pruner(model, tokenizer)`` or ``Pruner.from_pretrained(path)``."""
 
-    def __init__(self, model, tokenizer=None, device: str | torch.device | None = None):
+    def __init__(self, model, tokenizer=None, device: str | torch.device | None = None, store=None):
         self.spec = get_arch_spec(model)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.report: PruningReport | None = None
+        self.store = store  # offload.LayerStore when the decoder layers stay on disk
 
     @classmethod
-    def from_pretrained(cls, model_id_or_path: str | None = None, device=None, **load_kwargs) -> Pruner:
-        """Load a model and tokenizer (a packaged-model alias such as ``smollm2-135m`` works offline)."""
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    def from_pretrained(
+        cls, model_id_or_path: str | None = None, device=None, offload: bool = False, **load_kwargs
+    ) -> Pruner:
+        """Load a model and tokenizer (a packaged-model alias such as ``smollm2-135m`` works offline).
+
+        ``offload=True`` keeps the decoder layers on disk and loads one at a time (``offload.py``): for
+        checkpoints larger than memory; ``prune`` then needs a ``save_directory``."""
+        from transformers import AutoConfig, AutoModelForCausalLM
 
         from .packaged_models import DEFAULT_MODEL, clear_gguf_quantizer, resolve_model_path
 
         path = resolve_model_path(model_id_or_path or DEFAULT_MODEL)
+        if offload:
+            from .offload import LayerStore, load_skeleton
+
+            dtype = load_kwargs.get("dtype", torch.float32)
+            model = load_skeleton(path, dtype)
+            return cls(model, _tokenizer(path), device, LayerStore(model, path, dtype))
         gguf = {"gguf_file": load_kwargs["gguf_file"]} if "gguf_file" in load_kwargs else {}
         get_arch_spec(AutoConfig.from_pretrained(path, **gguf))  # fail before loading any weights
         load_kwargs.setdefault("dtype", torch.float32)
         model = AutoModelForCausalLM.from_pretrained(path, **load_kwargs)
         if gguf:
             clear_gguf_quantizer(model)
-        return cls(model, AutoTokenizer.from_pretrained(path, **gguf), device)
+        return cls(model, _tokenizer(path, **gguf), device)
 
     # -- the pipeline --------------------------------------------------------------------------
     def prune(
@@ -58,6 +78,24 @@ class Pruner:
     ):
         """Prune the model in place as ``config`` says; return it (``model.mosaic_report`` holds the report)."""
         config = config or PrunedConfig()
+        if self.store is not None:
+            from .offload import prune_offloaded
+
+            return prune_offloaded(self, config, calibration_dataset, save_directory, batch_size)
+        self._run(config, calibration_dataset, batch_size)
+        from .hub import attach_hub_methods
+
+        attach_hub_methods(self.model)
+        if save_directory is not None:
+            from .serialization import save_pruned
+
+            if world()[0] == 0:  # every process holds the same model: one writes it
+                save_pruned(self.model, self.tokenizer, save_directory, config, self.report)
+            barrier()
+        return self.model
+
+    def _run(self, config: PrunedConfig, calibration_dataset, batch_size: int) -> None:
+        """calibrate → allocate → shrink structure → prune each layer → report (in ``self.report``)."""
         clock = {"start": time.perf_counter()}
         targets = self._targets(config)
         allocator = get_method("allocation", config.allocation)
@@ -91,23 +129,24 @@ class Pruner:
         else:
             self._prune_layers(acts, targets, plan, kernel, config)
         self._searched = None
-        remove_empty_units(self.model, self.spec)
-        fit_config_to_shapes(self.model)
-        targets = self._targets(config)
+        if self.store is None:  # offloaded layers are not all at hand; the clean-up is skipped there
+            remove_empty_units(self.model, self.spec)
+            fit_config_to_shapes(self.model)
+            targets = self._targets(config)
         clock["prune"] = time.perf_counter()
         self.report = self._build_report(config, targets, dense_numel, plan, lamda, threshold, table, acts, clock)
         self.model.mosaic_report = self.report
         self.model.mosaic_config = config
-        from .hub import attach_hub_methods
 
-        attach_hub_methods(self.model)
-        if save_directory is not None:
-            from .serialization import save_pruned
-
-            save_pruned(self.model, self.tokenizer, save_directory, config, self.report)
-        return self.model
+    def _resident(self, idx: int, write: bool = False):
+        """Layer ``idx`` on the execution device for a block (loaded from disk and written back when offloaded)."""
+        if self.store is not None:
+            return self.store.resident(idx, self.device, write)
+        return on_device(decoder_layers(self.model, self.spec)[idx], self.device)
 
     def _targets(self, config: PrunedConfig) -> Targets:
+        if config.structured_sparsity > 0:  # fail before calibrating
+            check_structured(self.spec, config.structured_units, self.model.config.model_type)
         layers = decoder_layers(self.model, self.spec)
         prefix = self.spec.layers
         ignore = [re.compile(p) for p in config.ignore]
@@ -138,7 +177,10 @@ class Pruner:
             "source": "bundled Austen novels" if data is None else "user data",
         }
         self._windows = windows
-        return capture(self.model, self.spec, windows, self.device, batch_size), heldout
+        windows = shard_windows(windows)  # this process's share when launched on several
+        one_batch = config.sequential == "projection"  # forward_pruning runs each layer once over everything
+        batch = windows.shape[0] if one_batch else batch_size
+        return capture(self.model, self.spec, windows, self.device, batch), heldout
 
     def _loss_hessian_traces(self, config, targets: Targets) -> dict:
         """Hutchinson estimate of every target matrix's loss-Hessian trace (allocation/sensitivity.py)."""
@@ -167,16 +209,16 @@ class Pruner:
         dense_stats = {}
         layers = decoder_layers(self.model, self.spec)
         for idx in tqdm(range(len(layers)), desc="Outlier profile"):
-            with on_device(layers[idx], self.device):
+            with self._resident(idx) as layer:
                 if idx in targets:
-                    stats, out = self._layer_statistics(layers[idx], acts, idx, targets, hessian=False)
+                    stats, out = self._layer_statistics(layer, acts, idx, targets, hessian=False)
                     scores = {p: wanda_scores(lin.weight, stats[p].sumsq) for p, lin in targets[idx].items()}
                     profile.add_layer(idx, scores, thresholds)
                     for p, s in stats.items():  # sensitivity proxy, unless a Hutchinson estimate is there
                         profile.sensitivity.setdefault((idx, p), input_hessian_proxy(s.sumsq, s.tokens))
                     dense_stats.update({(idx, p): s for p, s in stats.items()})
                 else:
-                    out = forward_layer(layers[idx], acts, idx)
+                    out = forward_layer(layer, acts, idx)
             acts.hidden = out
         return dense_stats
 
@@ -219,7 +261,6 @@ class Pruner:
     @torch.no_grad()
     def _prune_layers(self, acts, targets: Targets, plan, kernel, config: PrunedConfig) -> None:
         """Sequential pass: statistics from already-pruned inputs, prune, propagate pruned outputs."""
-        layers = decoder_layers(self.model, self.spec)
         options = {
             "nm": config.nm,
             "dampening": config.dampening,
@@ -230,23 +271,48 @@ class Pruner:
         last = max(targets)
         if all(s == 0 for s in plan.values()):
             return  # structured pruning already removed everything the target asks for
+        hessian = "hessian" in kernel.needs
+
+        def prune(idx: int, proj: str, stats) -> None:
+            lin = targets[idx][proj]
+            info = {}
+            new = kernel.fn(lin.weight.data, stats, plan[(idx, proj)], info=info, **options)
+            lin.weight.data.copy_(new)
+            if info.get("dampening", config.dampening) != config.dampening:
+                self._dampening[f"{idx}.{proj}"] = info["dampening"]
+
         for idx in tqdm(range(last + 1), desc=f"Pruning ({config.pruner})"):
-            layer = layers[idx]
-            with on_device(layer, self.device):
-                stats = {}
-                if idx in targets and kernel.needs:
-                    stats, _ = self._layer_statistics(layer, acts, idx, targets, "hessian" in kernel.needs)
-                for proj, lin in targets.get(idx, {}).items():
-                    info = {}
-                    new = kernel.fn(lin.weight.data, stats.get(proj), plan[(idx, proj)], info=info, **options)
-                    lin.weight.data.copy_(new)
-                    if info.get("dampening", config.dampening) != config.dampening:
-                        self._dampening[f"{idx}.{proj}"] = info["dampening"]
-                if kernel.needs and idx < last:
-                    acts.hidden = forward_layer(layer, acts, idx)
+            with self._resident(idx, write=self.store is not None) as layer:
+                if idx not in targets or not kernel.needs:
+                    for proj in targets.get(idx, {}):
+                        prune(idx, proj, None)
+                    if kernel.needs and idx < last:
+                        acts.hidden = forward_layer(layer, acts, idx)
+                elif config.sequential == "projection":
+                    acts.hidden = self._forward_pruning(layer, acts, idx, targets, hessian, prune)
+                else:
+                    stats, _ = self._layer_statistics(layer, acts, idx, targets, hessian)
+                    for proj, s in stats.items():
+                        prune(idx, proj, s)
+                    if idx < last:
+                        acts.hidden = forward_layer(layer, acts, idx)
+                if self.store is not None and idx in targets:
+                    self.store.counts.update(count_zeros({idx: targets[idx]}))
+
+    def _forward_pruning(self, layer, acts, idx, targets: Targets, hessian: bool, prune) -> torch.Tensor:
+        """One forward of the layer; each input group is pruned as its input arrives (q, k, v share one)."""
+        owners = self._owners(idx, targets)
+        members = {o: [p for p, owner in owners.items() if owner == o] for o in set(owners.values())}
+
+        def prune_group(owner: str, stats) -> None:
+            for proj in members[owner]:
+                prune(idx, proj, stats)
+
+        hooked = {o: targets[idx][o] for o in members}
+        return forward_pruning(layer, acts, idx, hooked, hessian, prune_group)
 
     def _build_report(self, config, targets, dense_numel, plan, lamda, threshold, table, acts, clock) -> PruningReport:
-        counts = count_zeros(targets, dense_numel)
+        counts = self.store.counts if self.store is not None else count_zeros(targets, dense_numel)
         glob, per_projection, per_layer, per_type = achieved(counts)
         dense_total = sum(dense_numel.values())
         removed = dense_total - sum(prunable_numel(targets).values())
@@ -289,6 +355,17 @@ class Pruner:
             structured_sparsity=round(removed / dense_total, 6),
             layer_shapes=getattr(self.model.config, "layer_shapes", None),
         )
+
+
+def _tokenizer(path, **kwargs):
+    """The checkpoint's tokenizer, or None (then calibrate with token ids) when it ships none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        logger.warning("no tokenizer loaded from %s (%s); pass token ids as calibration data", path, err)
+        return None
 
 
 def _flat(targets: Targets) -> dict:

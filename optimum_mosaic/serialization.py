@@ -43,24 +43,23 @@ def versions() -> dict[str, str]:
     return {"optimum_mosaic": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def linear_summary(model) -> tuple[dict[str, list[int]], dict[str, int]]:
+def linear_summary(model, count: bool = True) -> tuple[dict[str, list[int]], dict[str, int]]:
     """``({module name: [out, in]}, {module name: exact zeros})`` for every projection of the decoder layers."""
     from .architectures import named_projections
 
     shapes, zeros = {}, {}
     for name, lin in named_projections(model).items():
         shapes[name] = [lin.out_features, lin.in_features]  # not weight.shape: bnb 4-bit packs the weight
-        zeros[name] = int((lin.weight == 0).sum().item())
+        if count:
+            zeros[name] = int((lin.weight == 0).sum().item())
     return shapes, zeros
 
 
-def save_pruned(model, tokenizer, directory, config, report) -> Path:
-    """Dense safetensors with exact zeros + ``mosaic_config.json``, written atomically."""
+def _write_sidecar(directory: Path, config, report, shapes: dict, zeros: dict) -> None:
     import json
 
     from .configuration import FORMAT_VERSION, SIDECAR_NAME
 
-    shapes, zeros = linear_summary(model)
     sidecar = {
         "format_version": FORMAT_VERSION,
         "config": config.to_dict(),
@@ -69,9 +68,27 @@ def save_pruned(model, tokenizer, directory, config, report) -> Path:
         "zeros": zeros,
         "versions": versions(),
     }
+    (directory / SIDECAR_NAME).write_text(json.dumps(sidecar, indent=2) + "\n")
+
+
+def save_pruned(model, tokenizer, directory, config, report) -> Path:
+    """Dense safetensors with exact zeros + ``mosaic_config.json``, written atomically."""
+    shapes, zeros = linear_summary(model)
     with atomic_directory(directory) as staging:
         model.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        (staging / SIDECAR_NAME).write_text(json.dumps(sidecar, indent=2) + "\n")
+        _write_sidecar(staging, config, report, shapes, zeros)
     return Path(directory)
+
+
+def save_offloaded(store, model, tokenizer, staging: Path, config, report) -> None:
+    """The checkpoint of an offloaded prune (``offload.LayerStore``): the layer shards already in ``staging``, the
+    rest of the weights, the index, config, tokenizer and sidecar."""
+    store.save(staging)
+    model.config.save_pretrained(staging)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(staging)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(staging)
+    _write_sidecar(staging, config, report, linear_summary(model, count=False)[0], dict(sorted(store.zeros.items())))

@@ -43,6 +43,14 @@ def test_prune_example(pruned):
     assert 1 < result["dense"] < 3 * 96 and 1 < result["pruned"] < 3 * 96  # random weights: near the vocabulary size
 
 
+def test_distributed_example_on_one_process(files):
+    # launched on 2 processes (accelerate, gloo) in tests/integrations/test_accelerate.py
+    argv = ["--model", str(files / "dense"), "--text", str(files / "text.txt"), "--output", str(files / "distributed")]
+    result = example("distributed_prune")(argv + ["--nsamples", "4", "--seqlen", "32"])
+    assert result["world_size"] == 1 and result["report"].achieved_sparsity == pytest.approx(0.5, abs=2e-3)
+    assert (files / "distributed" / "model.safetensors").exists()
+
+
 @pytest.mark.parametrize("bits", ["4", "8"])
 def test_bnb_example(pruned, files, bits):
     pytest.importorskip("bitsandbytes")

@@ -6,17 +6,24 @@
    for any layer.
 2. ``forward``: run one layer over all cached inputs (optionally with hooks that accumulate
    ``InputStatistics``), moving only that layer to the execution device.
+3. ``forward_pruning``: run one layer once over all cached inputs as a single batch and, just before each
+   hooked linear runs, hand its whole input to a callback that prunes it — one forward per layer, and
+   every projection sees the outputs of the already-pruned projections before it.
+
+Statistics are all-reduced across processes (``distributed.py``) before anything uses them.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..architectures import ArchSpec, decoder_layers, get_submodule
+from .distributed import all_reduce_statistics
 from .statistics import InputStatistics
 
 
@@ -106,12 +113,19 @@ def forward_layer(layer: nn.Module, acts: Activations, index: int) -> torch.Tens
     return out
 
 
+def _accumulators(inputs: dict[str, nn.Linear], hessian: bool) -> dict[str, InputStatistics]:
+    return {
+        name: InputStatistics.empty(lin.in_features, hessian, lin.weight.device, torch.float64)
+        for name, lin in inputs.items()
+    }
+
+
 @torch.inference_mode()
 def collect_statistics(
     layer: nn.Module, acts: Activations, index: int, inputs: dict[str, nn.Linear], hessian: bool
 ) -> tuple[dict[str, InputStatistics], torch.Tensor]:
     """One hooked forward of ``layer``: statistics of each given linear's input, and the layer outputs."""
-    stats = {name: InputStatistics.empty(lin.in_features, hessian, lin.weight.device) for name, lin in inputs.items()}
+    stats = _accumulators(inputs, hessian)
     handles = [
         lin.register_forward_hook(lambda mod, args, out, s=stats[name]: s.update(args[0]))
         for name, lin in inputs.items()
@@ -121,4 +135,36 @@ def collect_statistics(
     finally:
         for h in handles:
             h.remove()
-    return stats, out
+    # the same order on every process (callers may build ``inputs`` from a set, whose order is per-process)
+    return {name: all_reduce_statistics(stats[name]).finalize() for name in sorted(stats)}, out
+
+
+@torch.inference_mode()
+def forward_pruning(
+    layer: nn.Module,
+    acts: Activations,
+    index: int,
+    inputs: dict[str, nn.Linear],
+    hessian: bool,
+    prune: Callable[[str, InputStatistics], None],
+) -> torch.Tensor:
+    """Outputs of ``layer`` over every cached input in one batch, calling ``prune(name, stats)`` with the
+    statistics of each given linear's whole input just before that linear runs (so it runs pruned)."""
+    if acts.batch_size < acts.hidden.shape[0]:
+        raise ValueError("forward_pruning needs every calibration window in one batch (capture with batch_size=n)")
+
+    def before(name: str):
+        def hook(mod, args):
+            stats = _accumulators({name: mod}, hessian)[name]
+            stats.update(args[0])
+            prune(name, all_reduce_statistics(stats).finalize())
+
+        return hook
+
+    handles = [lin.register_forward_pre_hook(before(name)) for name, lin in inputs.items()]
+    try:
+        y = layer(acts.hidden, **acts.layer_kwargs[index])
+    finally:
+        for h in handles:
+            h.remove()
+    return y[0] if isinstance(y, tuple) else y

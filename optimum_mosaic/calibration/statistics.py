@@ -1,9 +1,15 @@
 """Pure accumulators of layer-input statistics. Everything is a sum over tokens, so shards of the
-calibration set can be merged (or all-reduced across processes) by adding them."""
+calibration set can be merged (or all-reduced across processes) by adding them.
+
+Sums are kept in float64 and fed one calibration window at a time (an fp32 product per window): the
+result then does not depend on how the windows were batched or split across processes, which is what
+makes a multi-process calibration give the masks of a single process. ``finalize`` hands fp32 to the
+kernels.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -16,22 +22,35 @@ class InputStatistics:
     sumsq: torch.Tensor
     hessian: torch.Tensor | None = None
     tokens: int = 0
+    cache: dict = field(default_factory=dict, repr=False, compare=False)  # derived data (e.g. factors)
 
     @classmethod
-    def empty(cls, features: int, hessian: bool, device=None) -> InputStatistics:
-        h = torch.zeros(features, features, dtype=torch.float32, device=device) if hessian else None
-        return cls(torch.zeros(features, dtype=torch.float32, device=device), h, 0)
+    def empty(cls, features: int, hessian: bool, device=None, dtype=torch.float32) -> InputStatistics:
+        h = torch.zeros(features, features, dtype=dtype, device=device) if hessian else None
+        return cls(torch.zeros(features, dtype=dtype, device=device), h, 0)
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
-        self.sumsq += x.square().sum(0)
-        if self.hessian is not None:
-            self.hessian.addmm_(x.T, x)
-        self.tokens += x.shape[0]
+        """Add the inputs ``x`` ([..., seqlen, d] or [tokens, d]); one window (last-but-one axis) at a time."""
+        self.cache.clear()
+        windows = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() > 2 else x.unsqueeze(0)
+        for w in windows:
+            w = w.float()
+            self.sumsq += w.square().sum(0)
+            if self.hessian is not None:
+                self.hessian += w.T @ w
+            self.tokens += w.shape[0]
 
     def merge(self, other: InputStatistics) -> None:
+        self.cache.clear()
         self.sumsq += other.sumsq
         if self.hessian is not None:
             self.hessian += other.hessian
         self.tokens += other.tokens
+
+    def finalize(self) -> InputStatistics:
+        """The same sums in float32 (what the kernels read)."""
+        self.cache.clear()
+        self.sumsq = self.sumsq.float()
+        self.hessian = self.hessian.float() if self.hessian is not None else None
+        return self

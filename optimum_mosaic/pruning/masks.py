@@ -6,10 +6,18 @@ import torch
 
 
 def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask with True at exactly the ``k`` lowest entries of ``scores`` (ties broken by index)."""
-    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    if k > 0:
-        mask[torch.argsort(scores.flatten(), stable=True)[:k]] = True
+    """Boolean mask with True at exactly the ``k`` lowest entries of ``scores`` (ties broken by index).
+
+    O(n): the k-th smallest value ``t`` by selection, everything below ``t``, then the first entries equal to ``t``."""
+    flat = scores.flatten()
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    if k >= flat.numel():
+        return torch.ones_like(scores, dtype=torch.bool)
+    t = flat.kthvalue(k).values
+    mask = flat < t
+    ties = torch.nonzero(flat == t).flatten()[: k - int(mask.sum())]
+    mask[ties] = True
     return mask.view_as(scores)
 
 

@@ -19,18 +19,23 @@ from .masks import lowest_k_mask, nm_mask
 
 logger = logging.get_logger(__name__)
 
+SUB_BLOCK = 16  # columns updated one by one before a GEMM catches the rest of the block up
+
 
 def inverse_hessian_factor(H: torch.Tensor, dampening: float, max_retries: int = 4) -> tuple[torch.Tensor, float]:
-    """``U`` with ``UᵀU = (H + δ·mean(diag H)·I)⁻¹``; δ grows ×10 on a failed Cholesky, at most ``max_retries`` times."""
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    """``U`` with ``UᵀU = (H + δ·mean(diag H)·I)⁻¹``; δ grows ×10 on a failed Cholesky, at most ``max_retries`` times.
+
+    One Cholesky and one triangular inverse: with ``J`` the reversal permutation and ``JHJ = LLᵀ``,
+    ``H⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J)`` and ``J L⁻¹ J`` is upper triangular with a positive diagonal."""
     mean_diag = torch.diag(H).mean()
     damp = dampening
     for _ in range(max_retries + 1):
-        L, failed = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
+        A = H.flip(0, 1)  # a copy; its diagonal is diag(H) reversed
+        A.diagonal().add_(damp * mean_diag)
+        L, failed = torch.linalg.cholesky_ex(A)
         if not failed:
-            U, failed = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if not failed:
-                return U, damp
+            A.zero_().diagonal().fill_(1.0)  # reuse the buffer as the identity
+            return torch.linalg.solve_triangular(L, A, upper=False).flip(0, 1), damp
         damp *= 10
     raise torch.linalg.LinAlgError(
         f"SparseGPT: H is not positive definite even with dampening {damp / 10:g}; "
@@ -39,22 +44,29 @@ def inverse_hessian_factor(H: torch.Tensor, dampening: float, max_retries: int =
 
 
 def prepare_obs(weight, stats, dampening: float, nm, block_size: int, info: dict | None, method: str):
-    """``(W, H, U, δ)`` shared by the OBS kernels: an fp32 copy of the weight, ``H`` with never-active inputs set to
-    ``H_jj = 1`` (their weights zeroed: they are useless and would make H singular), the factor ``U`` and the
-    dampening actually used (recorded in ``info``)."""
-    W = weight.detach().clone().float()
-    H = stats.hessian.to(W.device, torch.float32, copy=True)
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    U, damp = inverse_hessian_factor(H, dampening)
-    if damp != dampening:
-        logger.warning("%s: Cholesky needed dampening %g instead of %g", method, damp, dampening)
-    if info is not None:
-        info["dampening"] = damp
+    """``(W, diag H, U, δ)`` shared by the OBS kernels: an fp32 copy of the weight, the diagonal of ``H`` with
+    never-active inputs set to ``H_jj = 1`` (their weights zeroed: they are useless and would make H singular), the
+    factor ``U`` and the dampening actually used (recorded in ``info``). The factor is cached on ``stats``, so projections that share an
+    input (q, k, v; gate, up) pay for one factorisation."""
     if nm and block_size % nm[1]:
         raise ValueError(f"block_size {block_size} must be a multiple of M={nm[1]} for an N:M pattern")
-    return W, H, U, damp
+    key = ("obs_factor", dampening, str(weight.device))
+    if key not in stats.cache:
+        H = stats.hessian.to(weight.device, torch.float32)
+        dead = torch.diag(H) == 0
+        if dead.any():
+            H = H.clone()
+            H[dead, dead] = 1.0
+        U, damp = inverse_hessian_factor(H, dampening)
+        if damp != dampening:
+            logger.warning("%s: Cholesky needed dampening %g instead of %g", method, damp, dampening)
+        stats.cache[key] = (torch.diag(H).clone(), dead, U, damp)
+    h, dead, U, damp = stats.cache[key]
+    W = weight.detach().clone().float()
+    W[:, dead] = 0.0
+    if info is not None:
+        info["dampening"] = damp
+    return W, h, U, damp
 
 
 @torch.no_grad()
@@ -69,32 +81,35 @@ def sparsegpt_prune(
     saliency: str = "obs",
     **_,
 ) -> torch.Tensor:
-    W, H, U, damp = prepare_obs(weight, stats, dampening, nm, block_size, info, "SparseGPT")
+    W, h, U, damp = prepare_obs(weight, stats, dampening, nm, block_size, info, "SparseGPT")
     rows, cols = W.shape
-    h_diag = torch.diag(H) + damp * torch.diag(H).mean()  # the damped H_jj, for the ISC score
+    h_diag = h + damp * h.mean()  # the damped H_jj, for the ISC score
 
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
-        Err1 = torch.zeros_like(W1)
+        W1, U1 = W[:, i1:i2], U[i1:i2, i1:i2]
         d, h1 = torch.diag(U1), h_diag[i1:i2]
         if nm:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
         else:
             k = round(sparsity * rows * i2) - round(sparsity * rows * i1)
             mask1 = lowest_k_mask(mask_scores(W1, d, h1, saliency), k)
-        for i in range(i2 - i1):
-            if nm and i % nm[1] == 0:
-                group = slice(i, i + nm[1])
-                mask1[:, group] = nm_mask(mask_scores(W1[:, group], d[group], h1[group], saliency), *nm)
-            w = W1[:, i]
-            q = w.masked_fill(mask1[:, i], 0.0)
-            err = (w - q) / d[i]
-            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-            W1[:, i] = q  # exact zeros, not w − (w/d)·d
-            Err1[:, i] = err
-        W[:, i1:i2] = W1
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+        Err1 = torch.empty_like(W1)
+        # two-level lazy updates: column by column inside a sub-block, one GEMM for the rest of the block
+        sub = -(-SUB_BLOCK // nm[1]) * nm[1] if nm else SUB_BLOCK
+        for j1 in range(0, i2 - i1, sub):
+            j2 = min(j1 + sub, i2 - i1)
+            for i in range(j1, j2):
+                if nm and i % nm[1] == 0:
+                    group = slice(i, i + nm[1])
+                    mask1[:, group] = nm_mask(mask_scores(W1[:, group], d[group], h1[group], saliency), *nm)
+                m = mask1[:, i]
+                err = torch.where(m, W1[:, i], 0.0).div_(d[i])
+                W1[:, i:j2].addr_(err, U1[i, i:j2], alpha=-1.0)
+                W1[:, i].masked_fill_(m, 0.0)  # exact zeros, not w − (w/d)·d
+                Err1[:, i] = err
+            W1[:, j2:].addmm_(Err1[:, j1:j2], U1[j1:j2, j2:], alpha=-1.0)
+        W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
     return W.to(weight.dtype)
 
 

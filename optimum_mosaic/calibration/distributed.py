@@ -1,0 +1,60 @@
+"""Calibration over several processes: every process takes a shard of the calibration windows, and the
+statistics, being sums, are all-reduced before anything is decided from them. Works with any launcher
+that initialises ``torch.distributed`` (``accelerate launch``, ``torchrun``; the gloo backend on CPU).
+Every process then prunes the same weights from the same sums, so all hold the same model."""
+
+from __future__ import annotations
+
+import torch
+
+from .statistics import InputStatistics
+
+
+def world() -> tuple[int, int]:
+    """``(rank, world_size)``; ``(0, 1)`` when torch.distributed is not initialised."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard_windows(windows: torch.Tensor) -> torch.Tensor:
+    """This process's windows: a contiguous block, the first ``n mod world`` ranks one more."""
+    rank, size = world()
+    if size == 1:
+        return windows
+    if windows.shape[0] < size:
+        raise ValueError(f"{windows.shape[0]} calibration windows cannot be shared by {size} processes")
+    base, extra = divmod(windows.shape[0], size)
+    start = rank * base + min(rank, extra)
+    return windows[start : start + base + (rank < extra)]
+
+
+def all_reduce_statistics(stats: InputStatistics) -> InputStatistics:
+    """Sum ``stats`` over all processes, in place (a no-op in a single process)."""
+    if world()[1] == 1:
+        return stats
+    dist = torch.distributed
+    dist.all_reduce(stats.sumsq)
+    if stats.hessian is not None:
+        dist.all_reduce(stats.hessian)
+    tokens = torch.tensor([stats.tokens], dtype=torch.float64, device=stats.sumsq.device)
+    dist.all_reduce(tokens)
+    stats.tokens = int(tokens.item())
+    stats.cache.clear()
+    return stats
+
+
+def barrier() -> None:
+    """Wait for every process (a no-op in a single process); e.g. until rank 0 has written a checkpoint."""
+    if world()[1] > 1:
+        torch.distributed.barrier()
+
+
+def all_reduce_scalar(value: float) -> float:
+    """Sum of ``value`` over all processes (e.g. held-out losses)."""
+    if world()[1] == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return float(t.item())
