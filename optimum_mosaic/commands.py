@@ -42,7 +42,12 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="checkpoint path, or a packaged model alias")
     parser.add_argument("--output", default=None, help="directory to save the pruned checkpoint")
     parser.add_argument("--device", default=None, help="execution device for the layer walk (cpu, cuda)")
-    parser.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="calibration windows per forward with --sequential layer (the default runs all windows as one batch)",
+    )
     parser.add_argument(
         "--offload",
         action="store_true",
