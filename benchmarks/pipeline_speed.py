@@ -52,9 +52,12 @@ def unavoidable_work(model, windows: torch.Tensor, hessian: bool, batch_size: in
     start = time.perf_counter()
     for layer in layers:
         linears = [m for m in layer.modules() if isinstance(m, torch.nn.Linear)]
-        sums = {m: [torch.zeros(m.in_features), torch.zeros(m.in_features, m.in_features) if hessian else None] for m in linears}
+        sums = {
+            m: [torch.zeros(m.in_features), torch.zeros(m.in_features, m.in_features) if hessian else None]
+            for m in linears
+        }
 
-        def hook(mod, args, out):
+        def hook(mod, args, out, sums=sums):
             a = args[0].reshape(-1, mod.in_features).float()
             sums[mod][0] += a.square().sum(0)
             if hessian:
