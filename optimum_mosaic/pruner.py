@@ -16,7 +16,7 @@ from .allocation.search import search_allocation, search_grid, search_thresholds
 from .allocation.sensitivity import hutchinson_traces, input_hessian_proxy
 from .architectures import check_structured, decoder_layers, get_arch_spec, layer_projections
 from .calibration.data import sample_windows
-from .calibration.distributed import barrier, shard_windows, world
+from .calibration.distributed import barrier, residual_energy, shard_windows, world
 from .calibration.layerwise import (
     Activations,
     capture,
@@ -223,7 +223,7 @@ class Pruner:
                     for p, s in stats.items():  # sensitivity proxy, unless a Hutchinson estimate is there
                         profile.sensitivity.setdefault((idx, p), input_hessian_proxy(s.sumsq, s.tokens))
                     if whole:
-                        scale = float(acts.hidden.double().square().sum())
+                        scale = residual_energy(acts.hidden)
                         found = unit_options(layer, self.spec, stats, units, config.dampening, scale)
                         options.update({(idx, kind): opts for kind, opts in found.items()})
                 else:
