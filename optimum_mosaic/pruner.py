@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 
 import torch
@@ -13,7 +12,7 @@ from transformers.utils import logging
 from .allocation.outliers import OutlierProfile, wanda_scores
 from .allocation.search import search_allocation, search_grid, search_thresholds
 from .allocation.sensitivity import hutchinson_traces, input_hessian_proxy
-from .architectures import check_structured, decoder_layers, get_arch_spec, layer_projections
+from .architectures import check_structured, decoder_layers, get_arch_spec
 from .calibration.data import sample_windows
 from .calibration.distributed import barrier, shard_windows, world
 from .calibration.layerwise import (
@@ -28,7 +27,8 @@ from .configuration import AUTO, PrunedConfig
 from .evaluation import mean_nll
 from .models import fit_config_to_shapes
 from .registry import get_method
-from .report import PruningReport, Targets, achieved, count_zeros, prunable_numel
+from .report import PruningReport, Targets, achieved, count_zeros, prunable_numel, select_targets
+from .serialization import linear_summary
 from .structured.composite import remainder_plan, remove_empty_units, shrink_by_plan
 
 logger = logging.get_logger(__name__)
@@ -37,13 +37,17 @@ logger = logging.get_logger(__name__)
 class Pruner:
     """Prunes a causal LM in place. ``Pruner(model, tokenizer)`` or ``Pruner.from_pretrained(path)``."""
 
-    def __init__(self, model, tokenizer=None, device: str | torch.device | None = None, store=None):
+    def __init__(self, model, tokenizer=None, device: str | torch.device | None = None, store=None, source=None):
+        from .validation import check_device
+
         self.spec = get_arch_spec(model)
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.device = check_device(device) if device is not None else next(model.parameters()).device
         self.report: PruningReport | None = None
         self.store = store  # offload.LayerStore when the decoder layers stay on disk
+        # the model that was pruned, recorded in the report, sidecar and card
+        self.source = source or {"model": str(getattr(model, "name_or_path", "") or "an in-memory model")}
 
     @classmethod
     def from_pretrained(
@@ -55,34 +59,57 @@ class Pruner:
         checkpoints larger than memory; ``prune`` then needs a ``save_directory``."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from .packaged_models import DEFAULT_MODEL, clear_gguf_quantizer, resolve_model_path
+        from .packaged_models import DEFAULT_MODEL, clear_gguf_quantizer, resolve_model_path, source_record
+        from .validation import check_device, check_model_path
 
-        path = resolve_model_path(model_id_or_path or DEFAULT_MODEL)
+        name = model_id_or_path or DEFAULT_MODEL
+        device = check_device(device) if device is not None else None  # before any weight is read
+        path = resolve_model_path(check_model_path(name))
         if offload:
             from .offload import LayerStore, load_skeleton
 
             dtype = load_kwargs.get("dtype", torch.float32)
             model = load_skeleton(path, dtype)
-            return cls(model, _tokenizer(path), device, LayerStore(model, path, dtype))
+            return cls(model, _tokenizer(path), device, LayerStore(model, path, dtype), source_record(name, path))
         gguf = {"gguf_file": load_kwargs["gguf_file"]} if "gguf_file" in load_kwargs else {}
         get_arch_spec(AutoConfig.from_pretrained(path, **gguf))  # fail before loading any weights
         load_kwargs.setdefault("dtype", torch.float32)
         model = AutoModelForCausalLM.from_pretrained(path, **load_kwargs)
         if gguf:
             clear_gguf_quantizer(model)
-        return cls(model, _tokenizer(path, **gguf), device)
+        return cls(model, _tokenizer(path, **gguf), device, source=source_record(name, path))
 
     # -- the pipeline --------------------------------------------------------------------------
     def prune(
-        self, config: PrunedConfig | None = None, calibration_dataset=None, save_directory=None, batch_size: int = 8
+        self,
+        config: PrunedConfig | None = None,
+        calibration_dataset=None,
+        save_directory=None,
+        batch_size: int = 8,
+        *,
+        overwrite: bool = False,
+        restore_on_error: bool = True,
     ):
-        """Prune the model in place as ``config`` says; return it (``model.mosaic_report`` holds the report)."""
+        """Prune the model in place as ``config`` says; return it (``model.mosaic_report`` holds the report).
+
+        Everything that can be checked before work is (config, batch size, sequence length against the model's
+        positions, calibration data, ``save_directory``). ``overwrite``: replace a non-empty ``save_directory``
+        that is not an optimum-mosaic checkpoint. If the prune fails, the model is restored as it was
+        (``restore_on_error=False`` skips the host-memory copy this takes, and leaves a failed model modified).
+        """
+        from .rollback import restore_on_error as rollback
+        from .validation import check_prune_inputs
+
         config = config or PrunedConfig()
+        calibration_dataset = check_prune_inputs(
+            self, config, calibration_dataset, save_directory, batch_size, overwrite
+        )
         if self.store is not None:
             from .offload import prune_offloaded
 
-            return prune_offloaded(self, config, calibration_dataset, save_directory, batch_size)
-        self._run(config, calibration_dataset, batch_size)
+            return prune_offloaded(self, config, calibration_dataset, save_directory, batch_size, overwrite)
+        with rollback(self.model, restore_on_error):
+            self._run(config, calibration_dataset, batch_size)
         from .hub import attach_hub_methods
 
         attach_hub_methods(self.model)
@@ -90,7 +117,7 @@ class Pruner:
             from .serialization import save_pruned
 
             if world()[0] == 0:  # every process holds the same model: one writes it
-                save_pruned(self.model, self.tokenizer, save_directory, config, self.report)
+                save_pruned(self.model, self.tokenizer, save_directory, config, self.report, overwrite=overwrite)
             barrier()
         return self.model
 
@@ -98,6 +125,7 @@ class Pruner:
         """calibrate → allocate → shrink structure → prune each layer → report (in ``self.report``)."""
         clock = {"start": time.perf_counter()}
         targets = self._targets(config)
+        self._dense_shapes = linear_summary(self.model, count=False)[0]
         allocator = get_method("allocation", config.allocation)
         kernel = get_method("unstructured", config.pruner)
         dense_numel = prunable_numel(targets)
@@ -147,21 +175,11 @@ class Pruner:
     def _targets(self, config: PrunedConfig) -> Targets:
         if config.structured_sparsity > 0:  # fail before calibrating
             check_structured(self.spec, config.structured_units, self.model.config.model_type)
-        layers = decoder_layers(self.model, self.spec)
-        prefix = self.spec.layers
-        ignore = [re.compile(p) for p in config.ignore]
-        targets = {}
-        for idx, layer in enumerate(layers):
-            projs = layer_projections(layer, self.spec, config.targets)
-            keep = {
-                p: lin
-                for p, lin in projs.items()
-                if not any(r.search(f"{prefix}.{idx}.{self.spec.projections[p]}") for r in ignore)
-            }
-            if keep:
-                targets[idx] = keep
+        targets = select_targets(self.model, self.spec, config.targets, config.ignore)
         if not targets:
-            raise ValueError("targets/ignore leave no linear layer to prune")
+            raise ValueError(
+                f"targets/ignore: targets={config.targets} ignore={config.ignore} leave no linear layer to prune"
+            )
         return targets
 
     def _calibrate(self, config, data, batch_size) -> tuple[Activations, torch.Tensor | None]:
@@ -242,8 +260,8 @@ class Pruner:
         dense = {k: lin.weight.detach().clone() for k, lin in _flat(targets).items()}
         best = {"loss": float("inf")}
 
-        def score(plan) -> float:
-            self._prune_layers(acts.clone(), targets, plan, kernel, config)
+        def score(plan, label: str = "") -> float:
+            self._prune_layers(acts.clone(), targets, plan, kernel, config, label)
             loss = mean_nll(self.model, heldout, batch_size)
             if loss < best["loss"]:
                 best.update(loss=loss, weights={k: lin.weight.detach().clone() for k, lin in _flat(targets).items()})
@@ -259,7 +277,7 @@ class Pruner:
             lin.weight.data.copy_(weights[key])
 
     @torch.no_grad()
-    def _prune_layers(self, acts, targets: Targets, plan, kernel, config: PrunedConfig) -> None:
+    def _prune_layers(self, acts, targets: Targets, plan, kernel, config: PrunedConfig, label: str = "") -> None:
         """Sequential pass: statistics from already-pruned inputs, prune, propagate pruned outputs."""
         options = {
             "nm": config.nm,
@@ -281,7 +299,8 @@ class Pruner:
             if info.get("dampening", config.dampening) != config.dampening:
                 self._dampening[f"{idx}.{proj}"] = info["dampening"]
 
-        for idx in tqdm(range(last + 1), desc=f"Pruning ({config.pruner})"):
+        desc = f"Pruning ({config.pruner}{', ' + label if label else ''})"
+        for idx in tqdm(range(last + 1), desc=desc):
             with self._resident(idx, write=self.store is not None) as layer:
                 if idx not in targets or not kernel.needs:
                     for proj in targets.get(idx, {}):
@@ -354,6 +373,9 @@ class Pruner:
             notes=notes,
             structured_sparsity=round(removed / dense_total, 6),
             layer_shapes=getattr(self.model.config, "layer_shapes", None),
+            dense_shapes=self._dense_shapes,
+            sparsity_after_prune=round(glob, 6),
+            source=dict(self.source),
         )
 
 
