@@ -18,8 +18,16 @@ class InputError(MosaicError, ValueError):
     """An argument that cannot work, found before any work was done."""
 
 
+# torch's device types (torch.device's own error lists them): a typo is caught without importing torch
+_DEVICE_TYPES = (
+    "cpu cuda ipu xpu mkldnn opengl opencl ideep hip ve fpga maia xla lazy vulkan mps meta hpu mtia privateuseone"
+).split()
+
+
 def check_device(device):
     """``torch.device(device)`` after checking it exists here (``'cuda'`` without CUDA, ``'gpu'`` are errors)."""
+    if isinstance(device, str) and device.split(":", 1)[0] not in _DEVICE_TYPES:
+        raise InputError(f"device: {device!r} is not a torch device; use 'cpu', 'cuda', 'cuda:N' or 'mps'")
     import torch
 
     try:

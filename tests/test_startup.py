@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from optimum_mosaic.registry import BUILTIN_METHODS
 
 HEAVY = ("torch", "transformers.trainer_utils", "peft", "bitsandbytes", "torch._inductor")
@@ -46,16 +48,41 @@ def test_public_names_load_on_first_use():
     assert loaded_after("import optimum_mosaic as m\nm.SparsityPreservingCallback")["transformers.trainer_utils"]
 
 
-def test_mosaic_classes_register_when_transformers_auto_models_load():
-    code = """
-import optimum_mosaic
-from transformers import AutoModelForCausalLM
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-assert "mosaic_llama" in CONFIG_MAPPING and "mosaic_opt" in CONFIG_MAPPING
-assert MODEL_FOR_CAUSAL_LM_MAPPING[CONFIG_MAPPING["mosaic_llama"]].__name__ == "MosaicLlamaForCausalLM"
-"""
-    loaded_after(code)
+@pytest.fixture(scope="module")
+def mosaic_checkpoint(tmp_path_factory):
+    """A checkpoint whose layers differ, so it needs the registered Mosaic classes."""
+    from conftest import char_tokenizer, tiny_llama, token_windows
+
+    from optimum_mosaic import PrunedConfig, Pruner
+
+    path = tmp_path_factory.mktemp("startup") / "composite"
+    model = tiny_llama(num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=3, hidden_size=96)
+    config = PrunedConfig(sparsity=0.5, structured_sparsity=0.25, allocation="layer", lamda=0.2, nsamples=8, seqlen=32)
+    Pruner(model, char_tokenizer()).prune(config, calibration_dataset=token_windows(8, 32), save_directory=path)
+    assert model.config.model_type == "mosaic_llama"
+    return path
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import optimum_mosaic\nfrom transformers import AutoModelForCausalLM\nm = AutoModelForCausalLM.from_pretrained(P)",
+        "import optimum_mosaic\nfrom transformers import AutoConfig\nm = AutoConfig.from_pretrained(P)",
+        "from transformers import AutoModelForCausalLM\nimport optimum_mosaic\nm = AutoModelForCausalLM.from_pretrained(P)",
+        # transformers' @auto_docstring imports modeling_auto while LlamaConfig is being defined: no warning there
+        "import optimum_mosaic\nfrom transformers import AutoConfig\nAutoConfig.from_pretrained(P + '/../dense')\n"
+        "from transformers import AutoModelForCausalLM\nm = AutoModelForCausalLM.from_pretrained(P)",
+    ],
+)
+def test_auto_classes_read_mosaic_checkpoints_after_import_optimum_mosaic(mosaic_checkpoint, code):
+    from conftest import tiny_llama
+
+    if not (mosaic_checkpoint.parent / "dense").exists():
+        tiny_llama().save_pretrained(mosaic_checkpoint.parent / "dense")
+    script = f"P = {str(mosaic_checkpoint)!r}\n{code}\nprint(type(m).__name__)"
+    done = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] in ("MosaicLlamaForCausalLM", "MosaicLlamaConfig")
 
 
 def test_the_builtin_method_names_are_the_registered_ones():
