@@ -36,8 +36,9 @@ class PrunedModelForCausalLM:
         kwargs.setdefault("dtype", torch.float32)
         quantization_config = kwargs.get("quantization_config")
         if quantization_config is not None:
-            from .quantization import describe, prepare_quantization_config
+            from .quantization import normalise_quantization_config, prepare_quantization_config
 
+            quantization_config = normalise_quantization_config(quantization_config)
             kwargs["quantization_config"] = prepare_quantization_config(quantization_config)
         try:
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -48,7 +49,7 @@ class PrunedModelForCausalLM:
             ) from err
         shapes, zeros = linear_summary(model)
         _check_shapes(Path(path), sidecar["shapes"], shapes)
-        if quantization_config is not None and describe(quantization_config).startswith("bnb"):
+        if quantization_config is not None:  # always bitsandbytes 8-bit or 4-bit (normalised above)
             from .quantization import guard_cpu_4bit_packing, quantization_report
 
             guard_cpu_4bit_packing(model)
@@ -59,7 +60,7 @@ class PrunedModelForCausalLM:
                     f"{path / SIDECAR_NAME} records {sum(sidecar['zeros'].values())}: the safetensors file was "
                     "modified or belongs to another prune."
                 )
-        elif check_sparsity and quantization_config is None:
+        elif check_sparsity:
             _check_zeros(Path(path), sidecar["zeros"], zeros)
         model.mosaic_config = PrunedConfig.from_dict(sidecar["config"])
         model.mosaic_report = PruningReport.from_dict(sidecar["report"])
