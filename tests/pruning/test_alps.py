@@ -9,6 +9,7 @@ from conftest import reconstruction_error as layer_error
 from optimum_mosaic.pruning import alps
 from optimum_mosaic.pruning.alps import alps_prune, keep_top_k, rho_step
 from optimum_mosaic.pruning.masks import lowest_k_mask
+from optimum_mosaic.pruning.refit import normalized_hessian
 from optimum_mosaic.pruning.sparsegpt import sparsegpt_prune
 from optimum_mosaic.pruning.wanda import wanda_prune
 
@@ -116,15 +117,50 @@ def test_cg_refinement_never_increases_the_error(sparsity, nm):
     assert layer_error(W, on, stats.hessian) <= layer_error(W, off, stats.hessian)  # the plain layer loss
 
 
-def test_one_eigendecomposition_per_call(monkeypatch):
-    calls = []
-    eigh = torch.linalg.eigh
-    monkeypatch.setattr(torch.linalg, "eigh", lambda *a, **k: calls.append(1) or eigh(*a, **k))
+def test_no_eigendecomposition_and_one_cholesky_per_distinct_rho(monkeypatch):
+    calls, eighs = [], []
+    cholesky_ex, eigh = torch.linalg.cholesky_ex, torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda *a, **k: calls.append(1) or cholesky_ex(*a, **k))
+    monkeypatch.setattr(torch.linalg, "eigh", lambda *a, **k: eighs.append(1) or eigh(*a, **k))
     W, stats = problem(6)
     info = {}
     alps_prune(W, stats, 0.6, info=info)
-    assert len(calls) == 1
-    assert info["iterations"] > 3 and info["rho"] != 0.1  # several ρ values used one decomposition
+    assert not eighs
+    assert info["iterations"] > 3 and info["rho"] != 0.1  # several ρ values ...
+    rhos = [key for key in stats.cache if key[0] == "ridge_inverses"]
+    assert len(rhos) == 1 and len(calls) == info["inverses"] == len(stats.cache[rhos[0]]) > 1  # ... one each
+
+
+def test_an_input_group_shares_its_ridge_inverses():
+    """q, k, v (and gate, up) get the same ``InputStatistics``: a second projection on it reuses every inverse the
+    first made for the ρ values both visit; the results are those of a fresh run."""
+    W, stats = problem(6)
+    first, second, alone = {}, {}, {}
+    alps_prune(W, stats, 0.6, info=first)
+    out = alps_prune(W * 2, stats, 0.6, info=second)  # same schedule (scale-free), all inverses cached
+    assert first["inverses"] > 1 and second["inverses"] == 0
+    fresh = alps_prune(W * 2, problem(6)[1], 0.6, info=alone)
+    assert alone["inverses"] == first["inverses"]
+    assert torch.equal(out, fresh)
+
+
+def test_ridge_inverse_is_the_inverse():
+    _, stats = problem(9)
+    Hn = normalized_hessian(stats, 0.01, "cpu").Hn
+    inverses = alps.RidgeInverses(Hn, {}, ("k",))
+    for rho in (0.004, 0.1, 3.0):
+        A = Hn.double() + rho * torch.eye(32, dtype=torch.float64)
+        torch.testing.assert_close(inverses(rho).double(), torch.linalg.inv(A), rtol=1e-4, atol=1e-5)
+    assert inverses.made == 3 and inverses(0.1) is inverses(0.1) and inverses.made == 3
+
+
+def test_ridge_inverse_cache_is_bounded(monkeypatch):
+    monkeypatch.setattr(alps, "MAX_CACHED", 2)
+    _, stats = problem(9)
+    inverses = alps.RidgeInverses(normalized_hessian(stats, 0.01, "cpu").Hn, {}, ("k",))
+    for rho in (0.1, 0.2, 0.3):
+        inverses(rho)
+    assert list(inverses.store) == [0.2, 0.3]
 
 
 def test_schedule_runs_and_stops_on_checks():
