@@ -11,7 +11,8 @@ report, summed over the layer's seven projections, the relative errors
     tr((W−Ŵ) H (W−Ŵ)ᵀ) / tr(W H Wᵀ)        (``rel_error``: calibration H, what the kernels minimise)
     tr((W−Ŵ) H_eval (W−Ŵ)ᵀ) / tr(W H_eval Wᵀ)   (``heldout_error``: same layer, unseen tokens)
 
-and the kernel seconds (wall time of the kernel calls only, ``--threads`` torch threads). Dense inputs feed
+and the kernel seconds (process CPU time of the kernel calls only — robust on a shared machine — with
+``--threads`` torch threads; 1 by default, so CPU time = kernel time). Dense inputs feed
 every layer (no sequential error), so this isolates the kernel. The statistics are cached in ``--stats``
 (computing them costs one dense forward of every layer up to the last chosen one). Writes
 ``benchmarks/results/layer_error.json``; the variants are listed in ``layer_variants.py``.
@@ -108,9 +109,9 @@ def run_layer(layer: dict, variant: str, sparsity: float, nm=None) -> dict:
     sums = dict(err=0.0, base=0.0, err_eval=0.0, base_eval=0.0, seconds=0.0)
     for proj in PROJECTIONS:
         W, owner = layer["weights"][proj], layer["groups"][proj]
-        start = time.perf_counter()
+        start = time.process_time()
         new = fn(W, shared[owner], sparsity, nm=nm)
-        sums["seconds"] += time.perf_counter() - start
+        sums["seconds"] += time.process_time() - start
         expected = W.numel() - round(sparsity * W.numel()) if nm is None else W.numel() * (1 - sparsity)
         assert int((new != 0).sum()) <= expected, (variant, proj)  # the sparsity is met
         e, b = errors(W, new, layer["H"][owner])

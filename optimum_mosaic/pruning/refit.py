@@ -24,6 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..registry import register_method
+from .sparsegpt import sparsegpt_prune
+
 
 @dataclass(frozen=True)
 class NormalizedHessian:
@@ -104,7 +107,7 @@ def refit(
     stats,
     iterations: int = 10,
     dampening: float = 0.01,
-    rtol: float = 1e-5,
+    rtol: float = 1e-6,
     info: dict | None = None,
 ) -> torch.Tensor:
     """Re-solve the nonzeros of ``pruned`` (the support) for the dense ``weight`` by masked CG, warm-started from
@@ -119,3 +122,28 @@ def refit(
     if info is not None:
         info.update(refit_iterations=steps, error=relative_error(Hn, B, Wn, base))
     return (B / x).masked_fill(~support, 0.0).to(weight.dtype)
+
+
+@torch.no_grad()
+def sparsegpt_refit_prune(
+    weight: torch.Tensor,
+    stats,
+    sparsity: float,
+    nm: tuple[int, int] | None = None,
+    dampening: float = 0.01,
+    block_size: int = 128,
+    saliency: str = "obs",
+    refit_iterations: int = 10,
+    info: dict | None = None,
+    **_,
+) -> torch.Tensor:
+    """SparseGPT's mask and weights, then the kept weights re-solved jointly on that mask (``refit``).
+
+    SparseGPT compensates each pruned weight only on the columns to its right (its sweep is one pass of
+    sequential OBS), so the kept weights are not the least-squares optimum for the final mask; ``refit_iterations``
+    masked-CG steps from SparseGPT's weights move them towards it (the exact optimum in the limit)."""
+    pruned = sparsegpt_prune(weight, stats, sparsity, nm, dampening, block_size, info, saliency)
+    return refit(weight, pruned, stats, refit_iterations, dampening, info=info)
+
+
+register_method("sparsegpt_refit", "unstructured", sparsegpt_refit_prune, needs=("hessian",))
