@@ -79,7 +79,7 @@ VARIANTS = {
     "wanda+refit10": then_refit(wanda_prune, 10),
     "sparsegpt": kernel("sparsegpt"),
     "apt": kernel("apt"),
-    **{f"sparsegpt+refit{n}": kernel("sparsegpt_refit", refit_iterations=n) for n in (3, 5, 10, 20, 40)},
+    **{f"sparsegpt+refit{n}": kernel("sparsegpt_refit", cg_iterations=n) for n in (3, 5, 10, 20, 40)},
     "sparsegpt+exact": then_exact(sparsegpt_prune),
     "sparsegpt+iht3": sparsegpt_iht,
     "sparsegpt+iht6": partial(sparsegpt_iht, rounds=6),
@@ -91,4 +91,13 @@ VARIANTS = {
     "alps warm rho.3": partial(alps_from_sparsegpt, rho=0.3),
     **{f"alps warm rho.3 it{n}": partial(alps_from_sparsegpt, rho=0.3, max_iterations=n) for n in (6, 9, 15)},
     "alps warm rho.3 it9 cg3": partial(alps_from_sparsegpt, rho=0.3, max_iterations=9, cg_iterations=3),
+    # the registered candidates with their defaults, and alps_warm's grid (ρ₀ × ADMM iterations, 3 CG steps)
+    "sparsegpt_refit": kernel("sparsegpt_refit"),
+    "alps_warm": kernel("alps_warm"),
+    "alps_warm cg10": kernel("alps_warm", cg_iterations=10),
+    **{
+        f"alps_warm rho{rho} it{n}": kernel("alps_warm", rho=rho, max_iterations=n)
+        for rho in (0.2, 0.3, 0.5, 0.7, 1.0)
+        for n in (3, 6, 9, 12)
+    },
 }

@@ -267,6 +267,8 @@ class Pruner:
             "block_size": config.block_size,
             "saliency": config.saliency,
         }
+        iterations = {"max_iterations": config.admm_iterations, "cg_iterations": config.cg_iterations}
+        options.update({k: v for k, v in iterations.items() if v is not None})  # else the kernel's default
         self._dampening = {}
         last = max(targets)
         if all(s == 0 for s in plan.values()):

@@ -48,6 +48,7 @@ import torch
 from ..registry import register_method
 from .masks import kth_smallest
 from .refit import masked_cg, normalized_problem, relative_error
+from .sparsegpt import sparsegpt_prune
 
 RHO_MAX = 1e6
 UPDATE_EVERY = 3
@@ -55,6 +56,7 @@ SWITCH_ITERATION = 30
 STOP_RATIO = 3e-4
 CG_RTOL = 1e-4
 MAX_CACHED = 16  # ridge inverses kept per input group
+WARM_RHO, WARM_ITERATIONS, WARM_CG = 0.5, 9, 3  # alps_warm defaults, chosen with benchmarks/layer_error.py
 
 
 @dataclass(frozen=True)
@@ -158,7 +160,8 @@ def admm(Wn, Y, Hn, k: int, nm, rho: float, max_iterations: int, inverse: RidgeI
     else:
         D0, last_support = start, start != 0
         V0 = Y - start @ Hn
-    D, V, B = D0.clone(), V0.clone(), Wn.clone()
+    B0 = Wn if start is None else start
+    D, V, B = D0.clone(), V0.clone(), B0.clone()
     growing, restarts, ratio, done = start is not None, 0, float("nan"), 0
     inv = inverse(rho)
     for iteration in range(max_iterations):
@@ -175,7 +178,7 @@ def admm(Wn, Y, Hn, k: int, nm, rho: float, max_iterations: int, inverse: RidgeI
         rho, growing = step.rho, step.growing
         if step.restart:
             restarts += 1
-            B, D, V = Wn.clone(), D0.clone(), V0.clone()
+            B, D, V = B0.clone(), D0.clone(), V0.clone()
         if step.stop:
             break
         last_support = support
@@ -227,4 +230,30 @@ def alps_prune(
     return (B / x).masked_fill(~support, 0.0).to(weight.dtype)
 
 
+@torch.no_grad()
+def alps_warm_prune(
+    weight: torch.Tensor,
+    stats,
+    sparsity: float,
+    nm: tuple[int, int] | None = None,
+    info: dict | None = None,
+    rho: float = WARM_RHO,
+    max_iterations: int = WARM_ITERATIONS,
+    cg_iterations: int = WARM_CG,
+    dampening: float = 0.01,
+    block_size: int = 128,
+    saliency: str = "obs",
+    **_,
+) -> torch.Tensor:
+    """ALPS warm-started from SparseGPT: SparseGPT's weights are the first ADMM split ``D₀`` (with the dual
+    ``V₀ = Y − D₀ Hn`` that makes ``B = D₀`` its first primal step), ρ starts at ``rho`` instead of 0.1, and the
+    schedule runs ``max_iterations`` iterations (ALPS from a dense start needs ~33 to anneal ρ from 0.1); then the
+    same masked-CG refit. The first D-step, ``P_k(D₀ + (Y − D₀Hn)/ρ)``, is a projected gradient step of length
+    1/ρ from SparseGPT's solution: ADMM starts by exchanging SparseGPT's weakest kept weights for the pruned
+    weights with the largest gradient, and the schedule (ρ×1.2–1.3 while the support still moves) settles it."""
+    start = sparsegpt_prune(weight, stats, sparsity, nm, dampening, block_size, info, saliency)
+    return alps_prune(weight, stats, sparsity, nm, info, rho, max_iterations, cg_iterations, dampening, start)
+
+
 register_method("alps", "unstructured", alps_prune, needs=("hessian",))
+register_method("alps_warm", "unstructured", alps_warm_prune, needs=("hessian",))

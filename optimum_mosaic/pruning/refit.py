@@ -120,7 +120,7 @@ def refit(
         info["error_before_refit"] = relative_error(Hn, B, Wn, base)
     B, steps = masked_cg(Hn, Y, B, support, iterations, rtol)
     if info is not None:
-        info.update(refit_iterations=steps, error=relative_error(Hn, B, Wn, base))
+        info.update(cg_iterations=steps, error=relative_error(Hn, B, Wn, base))
     return (B / x).masked_fill(~support, 0.0).to(weight.dtype)
 
 
@@ -133,17 +133,17 @@ def sparsegpt_refit_prune(
     dampening: float = 0.01,
     block_size: int = 128,
     saliency: str = "obs",
-    refit_iterations: int = 10,
+    cg_iterations: int = 10,
     info: dict | None = None,
     **_,
 ) -> torch.Tensor:
     """SparseGPT's mask and weights, then the kept weights re-solved jointly on that mask (``refit``).
 
     SparseGPT compensates each pruned weight only on the columns to its right (its sweep is one pass of
-    sequential OBS), so the kept weights are not the least-squares optimum for the final mask; ``refit_iterations``
+    sequential OBS), so the kept weights are not the least-squares optimum for the final mask; ``cg_iterations``
     masked-CG steps from SparseGPT's weights move them towards it (the exact optimum in the limit)."""
     pruned = sparsegpt_prune(weight, stats, sparsity, nm, dampening, block_size, info, saliency)
-    return refit(weight, pruned, stats, refit_iterations, dampening, info=info)
+    return refit(weight, pruned, stats, cg_iterations, dampening, info=info)
 
 
 register_method("sparsegpt_refit", "unstructured", sparsegpt_refit_prune, needs=("hessian",))

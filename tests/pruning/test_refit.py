@@ -59,7 +59,7 @@ def test_refit_is_the_least_squares_solution_on_its_support(density, nm):
 def test_sparsegpt_refit_keeps_sparsegpts_mask_and_solves_on_it(sparsity, nm):
     W, stats = small_problem(2, rows=8, cols=32)
     base = sparsegpt_prune(W, stats, sparsity, nm=nm, block_size=16)
-    out = sparsegpt_refit_prune(W, stats, sparsity, nm=nm, block_size=16, refit_iterations=64)
+    out = sparsegpt_refit_prune(W, stats, sparsity, nm=nm, block_size=16, cg_iterations=64)
     assert torch.equal(out != 0, base != 0)
     expected = least_squares_reference(W, stats.hessian, base != 0)
     torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-5)
@@ -67,12 +67,12 @@ def test_sparsegpt_refit_keeps_sparsegpts_mask_and_solves_on_it(sparsity, nm):
 
 def test_sparsegpt_weights_are_not_least_squares_and_the_refit_gains():
     """SparseGPT compensates only to the right of each pruned column: the refit lowers the layer error.
-    Measured (seed 0, 16 × 32, correlated inputs): 0.5 → 2.6e5 vs 2.3e5; 0.7 → 9.3e5 vs 7.9e5."""
+    Measured (seed 0, 16 × 32, correlated inputs): 0.5 → 2.6e5 vs 1.7e5; 0.7 → 9.3e5 vs 7.9e5."""
     W, stats = correlated_problem(0)
     for sparsity in (0.5, 0.7):
         err_sgpt = layer_error(W, sparsegpt_prune(W, stats, sparsity), stats.hessian)
         err_refit = layer_error(W, sparsegpt_refit_prune(W, stats, sparsity), stats.hessian)
-        assert err_refit < 0.95 * err_sgpt
+        assert err_refit < 0.9 * err_sgpt
 
 
 def test_refit_reports_errors_and_zero_iterations_change_nothing():
@@ -80,8 +80,8 @@ def test_refit_reports_errors_and_zero_iterations_change_nothing():
     base = sparsegpt_prune(W, stats, 0.5)
     info = {}
     out = sparsegpt_refit_prune(W, stats, 0.5, info=info)
-    assert info["error"] < info["error_before_refit"] and 1 <= info["refit_iterations"] <= 10
-    torch.testing.assert_close(sparsegpt_refit_prune(W, stats, 0.5, refit_iterations=0), base, atol=1e-6, rtol=1e-6)
+    assert info["error"] < info["error_before_refit"] and 1 <= info["cg_iterations"] <= 10
+    torch.testing.assert_close(sparsegpt_refit_prune(W, stats, 0.5, cg_iterations=0), base, atol=1e-6, rtol=1e-6)
     assert out.dtype == W.dtype
 
 
