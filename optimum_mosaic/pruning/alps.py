@@ -55,7 +55,7 @@ UPDATE_EVERY = 3
 SWITCH_ITERATION = 30
 STOP_RATIO = 3e-4
 CG_RTOL = 1e-4
-MAX_CACHED = 16  # ridge inverses kept per input group
+CACHE_BYTES = 1 << 30  # ridge inverses kept per input group (the oldest dropped first)
 WARM_RHO, WARM_ITERATIONS, WARM_CG = 0.5, 9, 3  # alps_warm defaults, chosen with benchmarks/layer_error.py
 
 
@@ -124,7 +124,8 @@ def _project(Z: torch.Tensor, k: int, nm: tuple[int, int] | None) -> tuple[torch
 class RidgeInverses:
     """``(Hn + ρI)⁻¹`` for the ρ values a schedule visits: one float32 Cholesky factorisation and inverse per distinct
     ρ, cached on ``stats.cache`` so projections sharing an input (q, k, v; gate, up) reuse the ones they have in
-    common (at most ``MAX_CACHED`` per input group, the most recently made kept).
+    common (at most ``CACHE_BYTES`` of them per input group, the oldest dropped first: for a 576-wide input that is
+    every ρ of a schedule; for a very wide one, whose group has one member, sharing does not matter).
 
     Replaces the reference's one float64 ``eigh`` + float32 re-assembly ``Q diag(1/(Λ+ρ)) Qᵀ`` per ρ: a Cholesky
     inverse costs about one re-assembly (``d³`` flops against ``2d³``), the ``eigh`` itself (≈ 10 re-assemblies in
@@ -141,7 +142,7 @@ class RidgeInverses:
             A.diagonal().add_(rho)
             L, failed = torch.linalg.cholesky_ex(A)
             inv = torch.cholesky_inverse(L) if not failed else torch.linalg.inv(A.double()).float()
-            while len(self.store) >= MAX_CACHED:
+            while self.store and (len(self.store) + 1) * A.numel() * A.element_size() > CACHE_BYTES:
                 self.store.pop(next(iter(self.store)))
             self.store[rho] = inv
             self.made += 1

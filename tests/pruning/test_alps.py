@@ -155,7 +155,7 @@ def test_ridge_inverse_is_the_inverse():
 
 
 def test_ridge_inverse_cache_is_bounded(monkeypatch):
-    monkeypatch.setattr(alps, "MAX_CACHED", 2)
+    monkeypatch.setattr(alps, "CACHE_BYTES", 2 * 32 * 32 * 4)  # two 32 × 32 float32 inverses
     _, stats = problem(9)
     inverses = alps.RidgeInverses(normalized_hessian(stats, 0.01, "cpu").Hn, {}, ("k",))
     for rho in (0.1, 0.2, 0.3):
