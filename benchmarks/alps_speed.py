@@ -36,6 +36,7 @@ def baseline_module(revision: str):
     spec = importlib.util.spec_from_loader("optimum_mosaic.pruning._alps_baseline", loader=None)
     module = importlib.util.module_from_spec(spec)
     module.__package__ = "optimum_mosaic.pruning"
+    sys.modules[spec.name] = module  # dataclasses look their module up
     exec(compile(source, f"{revision}:alps.py", "exec"), module.__dict__)
     return module
 
