@@ -97,7 +97,7 @@ class PrunedConfig:
     )
     admm_iterations: int | None = field(
         default=None,
-        metadata={"help": "alps, alps_warm: cap on ADMM iterations. Default: the method's (alps 300, alps_warm 9)."},
+        metadata={"help": "alps, alps_warm: cap on ADMM iterations. Default: the method's (alps 300, alps_warm 12)."},
     )
     cg_iterations: int | None = field(
         default=None,
