@@ -42,7 +42,10 @@ class PrunedConfig:
         },
     )
     pruner: str = field(
-        default="sparsegpt", metadata={"help": "Unstructured method: magnitude | wanda | sparsegpt | alps | apt."}
+        default="sparsegpt",
+        metadata={
+            "help": "Unstructured method: magnitude | wanda | sparsegpt | sparsegpt_refit | alps | alps_warm | apt."
+        },
     )
     pattern: str = field(
         default="unstructured",
@@ -95,6 +98,16 @@ class PrunedConfig:
     saliency: str = field(
         default="obs",
         metadata={"help": "SparseGPT mask score: obs (w²/[H⁻¹]_jj) or isc (Shao et al.: w²·(H_jj + 1/[H⁻¹]_jj))."},
+    )
+    admm_iterations: int | None = field(
+        default=None,
+        metadata={"help": "alps, alps_warm: cap on ADMM iterations. Default: the method's (alps 300, alps_warm 12)."},
+    )
+    cg_iterations: int | None = field(
+        default=None,
+        metadata={
+            "help": "sparsegpt_refit, alps, alps_warm: masked-CG refit steps. Default: the method's (10, 10, 3)."
+        },
     )
     hessian_samples: int = field(
         default=16,
@@ -241,6 +254,9 @@ class PrunedConfig:
                 f"must be a positive integer, got {getattr(self, name)}",
             )
         _check(self.dampening > 0, "dampening", f"must be > 0, got {self.dampening}")
+        for name in ("admm_iterations", "cg_iterations"):
+            value = getattr(self, name)
+            _check(value is None or int(value) >= 0, name, f"must be None or an integer >= 0, got {value}")
         unknown = sorted(set(self.targets) - set(PROJECTIONS))
         _check(
             not unknown and self.targets,
