@@ -195,9 +195,13 @@ class PrunedConfig:
             _check(value is None or isinstance(value, str), name, f"must be a str, got {value!r}")
 
     def _validate(self) -> None:
+        _check(0.0 < float(self.sparsity) < 1.0, "sparsity", f"must be in (0, 1), got {self.sparsity}")
+        self._validate_methods()
+        self._validate_options()
+
+    def _validate_methods(self) -> None:
         from .registry import is_method, list_methods
 
-        _check(0.0 < float(self.sparsity) < 1.0, "sparsity", f"must be in (0, 1), got {self.sparsity}")
         nm = self.nm
         if nm and abs(self.sparsity - nm[0] / nm[1]) > 1e-9:
             raise ValueError(
@@ -218,6 +222,9 @@ class PrunedConfig:
                 f"with allocation={self.allocation!r} give a number (e.g. lamda={PAPER_LAMDA}, "
                 f"outlier_threshold={PAPER_OUTLIER_THRESHOLD:g}) or leave it unset for the default"
             )
+
+    def _validate_options(self) -> None:
+        nm = self.nm
         if self.lamda != AUTO:
             self.lamda = float(self.lamda)
             _check(-0.5 < self.lamda < 0.5, "lamda", f"must be 'auto' or in (-0.5, 0.5), got {self.lamda}")
