@@ -13,7 +13,7 @@ KINDS = ("unstructured", "allocation")
 # every kernel; tests/test_startup.py checks that this list and the registry agree.
 BUILTIN_METHODS = {
     "allocation": ("layer", "projection", "projection_official", "sensitivity", "sensitivity_hutchinson", "uniform"),
-    "unstructured": ("alps", "apt", "magnitude", "sparsegpt", "wanda"),
+    "unstructured": ("alps", "alps_warm", "apt", "magnitude", "sparsegpt", "sparsegpt_refit", "wanda"),
 }
 
 

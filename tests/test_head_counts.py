@@ -41,7 +41,7 @@ FAMILIES = {
     "gemma3_text": dict(SOFTCAP, layer_types=["sliding_attention", "full_attention"]),
 }
 X = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(0))
-# uniform plan, attention only: every layer gives up β = 1/4 of its attention = one of its four groups
+# attention only, β = 1/4 of the attention parameters; ``equal_cuts`` makes every layer give up the same groups
 CONFIG = PrunedConfig(
     sparsity=0.5,
     allocation="uniform",
@@ -51,6 +51,30 @@ CONFIG = PrunedConfig(
     seqlen=32,
     block_size=32,
 )
+
+
+@pytest.fixture
+def equal_cuts(monkeypatch):
+    """Every layer keeps ``groups`` key/value groups of two query heads (the planner would spread the cut
+    unevenly; these tests are about the configs that equal counts produce)."""
+    import optimum_mosaic.pruner as pruner_module
+    from optimum_mosaic.structured import LayerCut
+
+    def pin(groups):
+        original = pruner_module.plan_cuts
+
+        def plan(options, shapes, beta, dense_numel):
+            cuts, _ = original(options, shapes, beta, dense_numel)
+            cuts = {idx: LayerCut(shapes[idx].intermediate, groups, 2) for idx, _ in options}
+            numel = dict(dense_numel)
+            for idx, cut in cuts.items():
+                keys = [p for layer, p in dense_numel if layer == idx]
+                numel.update({(idx, p): n for p, n in cut.numel(shapes[idx], keys).items()})
+            return cuts, numel
+
+        monkeypatch.setattr(pruner_module, "plan_cuts", plan)
+
+    return pin
 
 
 def heads(model) -> list[int]:
@@ -72,13 +96,14 @@ def test_llama_config_refuses_such_head_counts():
 
 
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
-def test_uniform_head_removal_saves_and_reloads(model_type, tmp_path):
+def test_uniform_head_removal_saves_and_reloads(model_type, tmp_path, equal_cuts):
     """Families whose config class refuses 6 heads (llama, gemma2, gemma3_text with transformers 5.23–5.24) get the
     Mosaic config with ``layer_shapes``; the others keep their plain config. Either way the save works."""
     torch.manual_seed(0)
     dense = AutoConfig.for_model(model_type, **FAMILIES[model_type])
     refuses = not base_config_accepts(dense, {"num_attention_heads": 6, "num_key_value_heads": 3})
     model = AutoModelForCausalLM.from_config(dense).eval()
+    equal_cuts(3)
     Pruner(model).prune(CONFIG, calibration_dataset=X, save_directory=tmp_path / "ckpt")
     assert heads(model) == [6, 6]  # every layer alike, and 64 % 6 != 0
     saved = json.loads((tmp_path / "ckpt" / "config.json").read_text())
@@ -94,14 +119,27 @@ def test_uniform_head_removal_saves_and_reloads(model_type, tmp_path):
         assert torch.equal(loaded(X[:2]).logits, model(X[:2]).logits)
 
 
-def test_divisible_head_counts_keep_the_plain_config(tmp_path):
+def test_divisible_head_counts_keep_the_plain_config(tmp_path, equal_cuts):
     """Where the base class accepts the new sizes (64 hidden, 8 → 4 heads) the plain config stays."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **BASE)).eval()
     config = PrunedConfig(**{**CONFIG.to_dict(), "structured_sparsity": 0.5})
+    equal_cuts(2)
     Pruner(model).prune(config, calibration_dataset=X, save_directory=tmp_path / "ckpt")
     assert heads(model) == [4, 4]
     assert model.config.model_type == "llama" and model.config.num_attention_heads == 4
     loaded = PrunedModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    with torch.no_grad():
+        assert torch.equal(loaded(X[:2]).logits, model(X[:2]).logits)
+
+
+def test_planned_head_counts_save_and_reload(tmp_path):
+    """Without pinning, the planner's uneven counts (a different head count per layer) round-trip too."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **BASE)).eval()
+    Pruner(model).prune(CONFIG, calibration_dataset=X, save_directory=tmp_path / "ckpt")
+    assert sum(heads(model)) < 16
+    loaded = PrunedModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    assert heads(loaded) == heads(model)
     with torch.no_grad():
         assert torch.equal(loaded(X[:2]).logits, model(X[:2]).logits)
