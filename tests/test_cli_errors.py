@@ -122,7 +122,7 @@ def test_help_version_and_no_command(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for expected in [
         "packaged alias: smollm2-135m (default), gemma3-270m",
-        "--pruner {alps,apt,magnitude,sparsegpt,wanda}",
+        "--pruner {alps,alps_warm,apt,magnitude,sparsegpt,sparsegpt_refit,wanda}",
         "(default: sparsegpt)",
         "(default: 128)",
         "options that go together:",
