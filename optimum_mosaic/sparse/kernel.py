@@ -117,8 +117,9 @@ def sparse_linear(
         raise ValueError(f"x has {x.shape[-1]} features, the weight expects {in_features}")
     path = resolve_path(path)
     if path == "torch" or x.device.type != "cpu" or weight.values.dtype not in (torch.float32, torch.bfloat16):
-        dense = decompress(weight).to(device=x.device, dtype=x.dtype)
-        return F.linear(x, dense, None if bias is None else bias.to(x.dtype))
+        dense = decompress(weight).to(device=x.device, dtype=torch.float32)
+        y = F.linear(x.float(), dense, None if bias is None else bias.float())
+        return y.to(x.dtype)
     flat = x.reshape(-1, in_features)
     if flat.dtype != torch.float32:
         flat = flat.float()
