@@ -9,10 +9,10 @@ silence_bnb_cpu_notices()  # before transformers.trainer_utils imports bitsandby
 from .callbacks import GradualPruningCallback, SparsityPreservingCallback  # noqa: E402
 from .configuration import PrunedConfig  # noqa: E402
 from .evaluation import perplexity  # noqa: E402
-from .sparse.kv_cache import SparseKVCache  # noqa: E402
 from .modeling import PrunedModelForCausalLM  # noqa: E402
 from .plan import SparsityPlan  # noqa: E402
 from .pruner import Pruner  # noqa: E402
+from .sparse.kv_cache import SparseKVCache  # noqa: E402
 
 __all__ = [
     "Pruner",

@@ -13,6 +13,7 @@ def vector_nbytes(nonzeros: int, itemsize: int) -> int:
     """One head_dim-64 vector of the cache: one padded tile and its row offset."""
     return tile_nbytes(nonzeros, itemsize, KV_PAD) + OFFSET_BYTES
 
+
 PROMPT, LENGTH, WINDOW = 32, 64, 4
 
 

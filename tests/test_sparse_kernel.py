@@ -66,7 +66,9 @@ def test_inconsistent_parts_are_refused():
     bits = packed.bitmaps.clone()
     bits[1, 7] |= 0x80  # column 127 of row 0: beyond the 100 columns
     with pytest.raises(ValueError):
-        check_consistent(BitmapTensor(bits, torch.cat([packed.values, packed.values[:1]]), packed.offsets, packed.shape))
+        check_consistent(
+            BitmapTensor(bits, torch.cat([packed.values, packed.values[:1]]), packed.offsets, packed.shape)
+        )
 
 
 # -- the kernel ----------------------------------------------------------------------------------------------------
@@ -104,7 +106,7 @@ def test_prefill_goes_through_dense_blocks(path):
         y = kernel.sparse_linear(x, packed, bias, path=path, dense_from=dense_from)
         assert y.shape == (2, 11, 300)
         assert_matches_dense(y.reshape(22, 300), x.reshape(22, 130), W, bias)
-    expanded = kernel._ops().expand(packed.bitmaps, packed.values, packed.offsets, 130, 1, 5, 17)
+    expanded = kernel._ops().expand(packed.bitmaps, packed.values, packed.offsets, 130, 1, 5, 17, kernel.ISA[path])
     assert torch.equal(expanded, W[5:17])
 
 

@@ -60,7 +60,9 @@ def _ops():
             )
             ops = torch.ops.mosaic_sparse
         except Exception as err:  # a failed build must not break inference: fall back, say why
-            reason = f"the build failed: {str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__}"
+            reason = (
+                f"the build failed: {str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__}"
+            )
     if ops is None:
         warnings.warn(
             f"optimum_mosaic.sparse: the C++ sparse kernel is not available ({reason}); using the slower plain-PyTorch path",

@@ -26,7 +26,15 @@ from .format import compress as _compress
 
 KV_PAD = 8  # Mustafar's layout: each tile's non-zeros padded to a multiple of 8 values
 
-__all__ = ["KV_PAD", "SparseKVCache", "SparseKVLayer", "compress", "per_token_keep_mask", "pruned_count", "prune_per_token"]
+__all__ = [
+    "KV_PAD",
+    "SparseKVCache",
+    "SparseKVLayer",
+    "compress",
+    "per_token_keep_mask",
+    "pruned_count",
+    "prune_per_token",
+]
 
 
 def compress(x: torch.Tensor) -> BitmapTensor:

@@ -98,20 +98,18 @@ void rows_scalar(const Problem& P, int64_t r0, int64_t r1) {
   }
 }
 
-// Dense rows r0..r1 of W into `out` ([r1 - r0, in], zeroed).
+// Row r of W, dense, into out[0 .. tiles * 64).
 template <typename V>
-void expand_rows(const Problem& P, int64_t in, int64_t r0, int64_t r1, float* out) {
+void expand_row_scalar(const Problem& P, int64_t r, float* out) {
   const V* values = static_cast<const V*>(P.values);
-  for (int64_t r = r0; r < r1; ++r) {
-    const uint8_t* bm = P.bitmaps + r * P.tiles * 8;
-    float* row = out + (r - r0) * in;
-    int64_t at = P.offsets[r];
-    for (int64_t k = 0; k < P.tiles; ++k) {
-      uint64_t bits = load_bitmap(bm + 8 * k);
-      const int64_t next = at + P.stored(bits);
-      for (int64_t i = at; bits; bits &= bits - 1) row[k * kTile + __builtin_ctzll(bits)] = widen(values[i++]);
-      at = next;
-    }
+  std::fill(out, out + P.width(), 0.f);
+  const uint8_t* bm = P.bitmaps + r * P.tiles * 8;
+  int64_t at = P.offsets[r];
+  for (int64_t k = 0; k < P.tiles; ++k) {
+    uint64_t bits = load_bitmap(bm + 8 * k);
+    const int64_t next = at + P.stored(bits);
+    for (int64_t i = at; bits; bits &= bits - 1) out[k * kTile + __builtin_ctzll(bits)] = widen(values[i++]);
+    at = next;
   }
 }
 
@@ -209,6 +207,29 @@ void row_avx2_any(const Problem& P, int64_t r, int64_t t0) {
   }
 }
 
+// Row r of W, dense, into out[0 .. tiles * 64) (every lane written: no zeroing needed).
+template <typename V, bool BOUNDED>
+MOSAIC_AVX2 void expand_row_avx2(const Problem& P, int64_t r, float* out) {
+  const V* p = static_cast<const V*>(P.values) + P.offsets[r];
+  const V* end = static_cast<const V*>(P.values) + P.total;
+  const uint8_t* bm = P.bitmaps + r * P.tiles * 8;
+  for (int64_t k = 0; k < P.tiles; ++k) {
+    const uint64_t bits = load_bitmap(bm + 8 * k);
+    const V* tile = p;
+#pragma GCC unroll 8
+    for (int b = 0; b < 8; ++b) {
+      const unsigned m = (bits >> (8 * b)) & 0xff;
+      const __m256i lanes = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kExpand8.lane[m])));
+      const __m256 v = BOUNDED ? load8_bounded(p, end) : load8(p);
+      const __m256 w =
+          _mm256_blendv_ps(_mm256_permutevar8x32_ps(v, lanes), _mm256_setzero_ps(), _mm256_castsi256_ps(lanes));
+      _mm256_storeu_ps(out + k * kTile + 8 * b, w);
+      p += __builtin_popcount(m);
+    }
+    p = tile + P.stored(bits);
+  }
+}
+
 // -- AVX-512 -------------------------------------------------------------------------------------------------------
 // Per 16 columns: vexpandps loads exactly the popcount(m) next values into the set lanes (zero elsewhere; it
 // never reads past them), one FMA per token.
@@ -254,6 +275,23 @@ MOSAIC_AVX512 void row_avx512(const Problem& P, int64_t r, int64_t t0) {
   for (int t = 0; t < NT; ++t) {
     for (int i = 1; i < A; ++i) acc[t * A] = _mm512_add_ps(acc[t * A], acc[t * A + i]);
     P.store(r, t0 + t, _mm512_reduce_add_ps(acc[t * A]));
+  }
+}
+
+template <typename V>
+MOSAIC_AVX512 void expand_row_avx512(const Problem& P, int64_t r, float* out) {
+  const V* p = static_cast<const V*>(P.values) + P.offsets[r];
+  const uint8_t* bm = P.bitmaps + r * P.tiles * 8;
+  for (int64_t k = 0; k < P.tiles; ++k) {
+    const uint64_t bits = load_bitmap(bm + 8 * k);
+    const V* tile = p;
+#pragma GCC unroll 4
+    for (int b = 0; b < 4; ++b) {
+      const unsigned m = (bits >> (16 * b)) & 0xffff;
+      _mm512_storeu_ps(out + k * kTile + 16 * b, expand16(p, static_cast<__mmask16>(m)));
+      p += __builtin_popcount(m);
+    }
+    p = tile + P.stored(bits);
   }
 }
 #endif  // MOSAIC_X86
@@ -325,23 +363,49 @@ Problem make_problem(const at::Tensor& bitmaps, const at::Tensor& values, const 
   return P;
 }
 
+template <typename V>
+void expand_rows(const Problem& P, int64_t isa, int64_t r0, int64_t r1, float* out) {
+  for (int64_t r = r0; r < r1; ++r, out += P.width()) {
+#ifdef MOSAIC_X86
+    if (isa == kAvx512) {
+      expand_row_avx512<V>(P, r, out);
+      continue;
+    }
+    if (isa == kAvx2) {
+      P.row_end(r) + 8 <= P.total ? expand_row_avx2<V, false>(P, r, out) : expand_row_avx2<V, true>(P, r, out);
+      continue;
+    }
+#endif
+    expand_row_scalar<V>(P, r, out);
+  }
+}
+
+int64_t checked_isa(int64_t isa) {
+  const int64_t best = best_isa();
+  if (isa < 0) return auto_isa();
+  TORCH_CHECK(isa <= best, "this CPU cannot run kernel path ", isa, " (best: ", best, ")");
+  return isa;
+}
+
+// Rows row_start .. row_end of W as a dense [rows, in_features] view (row stride tiles * 64).
 at::Tensor expand(const at::Tensor& bitmaps, const at::Tensor& values, const at::Tensor& offsets, int64_t in_features,
-                  int64_t pad, int64_t row_start, int64_t row_end) {
+                  int64_t pad, int64_t row_start, int64_t row_end, int64_t isa) {
   Problem P = make_problem(bitmaps, values, offsets, pad);
   TORCH_CHECK(0 <= row_start && row_start <= row_end && row_end <= P.rows, "row range out of bounds");
   TORCH_CHECK(P.rows == 0 || in_features <= P.tiles * kTile, "in_features larger than the tiles");
-  at::Tensor out = at::zeros({row_end - row_start, in_features}, at::kFloat);
+  isa = checked_isa(isa);
+  at::Tensor out = at::empty({row_end - row_start, P.width()}, at::kFloat);
   float* data = out.data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, in_features));
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, P.width()));
   at::parallel_for(row_start, row_end, grain, [&](int64_t r0, int64_t r1) {
-    float* block = data + (r0 - row_start) * in_features;
+    float* block = data + (r0 - row_start) * P.width();
     if (values.scalar_type() == at::kFloat) {
-      expand_rows<float>(P, in_features, r0, r1, block);
+      expand_rows<float>(P, isa, r0, r1, block);
     } else {
-      expand_rows<uint16_t>(P, in_features, r0, r1, block);
+      expand_rows<uint16_t>(P, isa, r0, r1, block);
     }
   });
-  return out;
+  return out.narrow(1, 0, in_features);
 }
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& bitmaps, const at::Tensor& values, const at::Tensor& offsets,
@@ -352,9 +416,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& bitmaps, const at::Tens
               "x must be a float32 [tokens, in_features] tensor");
   TORCH_CHECK(P.rows == 0 || (in_features <= P.tiles * kTile && in_features > (P.tiles - 1) * kTile),
               "in_features does not match the tiles");
-  const int64_t best = best_isa();
-  if (isa < 0) isa = auto_isa();
-  TORCH_CHECK(isa <= best, "this CPU cannot run kernel path ", isa, " (best: ", best, ")");
+  isa = checked_isa(isa);
   const int64_t tokens = x.size(0);
   at::Tensor b;
   if (bias.has_value() && bias->defined()) {
@@ -366,7 +428,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& bitmaps, const at::Tens
     std::vector<at::Tensor> parts;
     for (int64_t r0 = 0; r0 < P.rows; r0 += block) {
       const int64_t r1 = std::min(P.rows, r0 + block);
-      at::Tensor w = expand(bitmaps, values, offsets, in_features, pad, r0, r1);
+      at::Tensor w = expand(bitmaps, values, offsets, in_features, pad, r0, r1, isa);
       parts.push_back(b.defined() ? at::addmm(b.narrow(0, r0, r1 - r0), x, w.t()) : at::mm(x, w.t()));
     }
     return parts.size() == 1 ? parts[0] : at::cat(parts, 1);
@@ -394,8 +456,9 @@ TORCH_LIBRARY(mosaic_sparse, m) {
   m.def(
       "linear(Tensor x, Tensor bitmaps, Tensor values, Tensor offsets, Tensor? bias, int in_features, int pad, "
       "int isa, int dense_from) -> Tensor");
-  m.def("expand(Tensor bitmaps, Tensor values, Tensor offsets, int in_features, int pad, int row_start, int row_end) "
-        "-> Tensor");
+  m.def(
+      "expand(Tensor bitmaps, Tensor values, Tensor offsets, int in_features, int pad, int row_start, int row_end, "
+      "int isa=-1) -> Tensor");
   m.def("best_isa() -> int", &mosaic::best_isa);
   m.def("auto_isa() -> int", &mosaic::auto_isa);
 }
