@@ -54,6 +54,12 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
         help="keep the decoder layers on disk, one resident at a time (models larger than memory; needs --output)",
     )
     parser.add_argument(
+        "--compressed",
+        action="store_true",
+        help="save the projections in the bitmap format (smaller files; read by PrunedModelForCausalLM and by "
+        "transformers with trust_remote_code=True); default: dense safetensors any transformers reads",
+    )
+    parser.add_argument(
         "--calibration-text", default=None, help="a UTF-8 text file to calibrate on (default: the bundled corpus)"
     )
     parser.add_argument(
@@ -105,7 +111,7 @@ def run_prune(args) -> dict:
     if args.output:
         from .serialization import save_pruned
 
-        save_pruned(pruner.model, pruner.tokenizer, args.output, config, report)
+        save_pruned(pruner.model, pruner.tokenizer, args.output, config, report, compressed=args.compressed)
     print(
         f"\nPruned {args.model}: {config.allocation} allocation (λ={report.lamda}, M={report.outlier_threshold}), "
         f"{config.pruner}, calibration {config.nsamples} x {config.seqlen} tokens, "
@@ -137,6 +143,8 @@ def _run_prune_offloaded(args, config) -> dict:
     """``--offload``: the pruned layers go straight to ``--output``; nothing is evaluated in memory."""
     from .pruner import Pruner
 
+    if args.compressed:
+        raise SystemExit("--offload writes dense layer shards; drop --compressed (re-save the result compressed later)")
     if not args.output or args.eval_windows:
         raise ValueError(
             "--offload writes the result to --output and cannot evaluate in memory: give --output, drop --eval-windows"

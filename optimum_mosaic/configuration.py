@@ -13,7 +13,9 @@ from pathlib import Path
 
 from .architectures import PROJECTIONS
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # dense safetensors with exact zeros: any transformers reads them
+COMPRESSED_FORMAT_VERSION = 2  # projections in the bitmap format (optimum_mosaic/sparse/checkpoint.py)
+FORMAT_VERSIONS = (FORMAT_VERSION, COMPRESSED_FORMAT_VERSION)
 SIDECAR_NAME = "mosaic_config.json"
 AUTO = "auto"
 PAPER_LAMDA = 0.08  # λ of the paper's README example
@@ -210,9 +212,9 @@ class PrunedConfig:
         for pattern in self.ignore:
             re.compile(pattern)
         _check(
-            self.format_version == FORMAT_VERSION,
+            self.format_version in FORMAT_VERSIONS,
             "format_version",
-            f"this version of optimum-mosaic reads format {FORMAT_VERSION}, got {self.format_version}; upgrade optimum-mosaic",
+            f"this version of optimum-mosaic reads formats {FORMAT_VERSIONS}, got {self.format_version}; upgrade optimum-mosaic",
         )
 
     # -- JSON ---------------------------------------------------------------------------------
@@ -248,10 +250,10 @@ def read_sidecar(directory: str | Path) -> dict:
         )
     data = json.loads(path.read_text())
     version = data.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in FORMAT_VERSIONS:
         from .exceptions import CheckpointMismatchError
 
         raise CheckpointMismatchError(
-            f"{path} has format_version {version!r}; this optimum-mosaic reads {FORMAT_VERSION}. Upgrade optimum-mosaic."
+            f"{path} has format_version {version!r}; this optimum-mosaic reads {FORMAT_VERSIONS}. Upgrade optimum-mosaic."
         )
     return data

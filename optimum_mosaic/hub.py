@@ -145,6 +145,9 @@ def push_to_hub(
 
 def attach_hub_methods(model):
     """Bind ``model.push_to_hub(repo_id, **options)`` to :func:`push_to_hub` (weights + sidecar + card)
-    instead of transformers' plain push. Returns the model."""
+    instead of transformers' plain push, and ``save_pretrained(..., compressed=True)`` (``serialization``).
+    Returns the model."""
     model.push_to_hub = functools.partial(push_to_hub, model)
-    return model
+    from .serialization import bind_save_pretrained
+
+    return bind_save_pretrained(model)

@@ -74,11 +74,19 @@ class Pruner:
 
     # -- the pipeline --------------------------------------------------------------------------
     def prune(
-        self, config: PrunedConfig | None = None, calibration_dataset=None, save_directory=None, batch_size: int = 8
+        self,
+        config: PrunedConfig | None = None,
+        calibration_dataset=None,
+        save_directory=None,
+        batch_size: int = 8,
+        compressed: bool = False,
     ):
-        """Prune the model in place as ``config`` says; return it (``model.mosaic_report`` holds the report)."""
+        """Prune the model in place as ``config`` says; return it (``model.mosaic_report`` holds the report).
+        ``compressed``: save the projections in the bitmap format (see ``save_pruned``)."""
         config = config or PrunedConfig()
         if self.store is not None:
+            if compressed:
+                raise ValueError("an offloaded prune writes dense layer shards; drop compressed=True")
             from .offload import prune_offloaded
 
             return prune_offloaded(self, config, calibration_dataset, save_directory, batch_size)
@@ -90,7 +98,7 @@ class Pruner:
             from .serialization import save_pruned
 
             if world()[0] == 0:  # every process holds the same model: one writes it
-                save_pruned(self.model, self.tokenizer, save_directory, config, self.report)
+                save_pruned(self.model, self.tokenizer, save_directory, config, self.report, compressed=compressed)
             barrier()
         return self.model
 
