@@ -24,12 +24,14 @@ import argparse
 import json
 import math
 import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+HERE = Path(__file__).resolve().parent
 SMOLLM2 = {"q,o": (576, 576), "k,v": (192, 576), "gate,up": (1536, 576), "down": (576, 1536)}
 LARGE = {"4096²": (4096, 4096), "11008×4096": (11008, 4096)}
 
@@ -205,6 +207,7 @@ def markdown(results: dict) -> str:
                 f"| {row['dense_blocks_us']} |"
             )
     if results.get("e2e"):
+        sys.path.insert(0, str(HERE))
         from sparse_kernel_e2e import markdown_rows
 
         lines += ["", *markdown_rows(results["e2e"])]
@@ -216,11 +219,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small settings (a smoke run)")
     parser.add_argument("--only", nargs="*", choices=["kernel", "crossover", "e2e"], default=None)
     parser.add_argument("--threads", type=int, nargs="*", default=[1, 2])
-    parser.add_argument("--workdir", default="benchmarks/checkpoints/sparse_kernel", help="pruned checkpoints (e2e)")
+    parser.add_argument(
+        "--workdir", default=str(HERE / "checkpoints" / "sparse_kernel"), help="pruned checkpoints (e2e)"
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     parts = args.only or ["kernel", "crossover", "e2e"]
-    out = Path(args.out or f"benchmarks/results/sparse_kernel{'_quick' if args.quick else ''}.json")
+    out = Path(args.out or HERE / "results" / f"sparse_kernel{'_quick' if args.quick else ''}.json")
     results = json.loads(out.read_text()) if out.exists() and args.only else {}
     results["machine"] = cpu_facts()
     results["note"] = "timings on a machine whose 2 cores may be shared; ratios are taken within one run"
@@ -232,6 +237,7 @@ def main() -> None:
     if "crossover" in parts:
         results["crossover"] = crossover(args.threads, args.quick)
     if "e2e" in parts:
+        sys.path.insert(0, str(HERE))
         import sparse_kernel_e2e
 
         results["e2e"] = sparse_kernel_e2e.run(Path(args.workdir), args.threads, args.quick)
