@@ -10,7 +10,8 @@
     fp32 and bf16 against the kernel with fp32 and bf16 values (``auto`` path). Two regimes:
     *streamed* — a pass over enough copies of W that they cannot stay in the last-level cache (as in decoding,
     where each weight is read once per token), and *resident* — the same W again and again (cache-hot when it
-    fits). Times: the best of several passes, per product.
+    fits). Times: per product, the best of 7 rounds that alternate between the four ways (so that a change of
+    load on a shared machine hits them alike).
 (b) crossover: 2 … 64 tokens through the kernel's sparse path and through its dense blocks + GEMM, vs dense.
 (c) end to end (``benchmarks/sparse_kernel_e2e.py``): SmolLM2-135M dense, 50 % and 70 % unstructured (Wanda,
     uniform) and a composite (structured + unstructured), each in a fresh process: greedy decode tokens/s,
@@ -60,17 +61,24 @@ def _l3_bytes() -> int:
     return int(text[:-1]) * {"K": 2**10, "M": 2**20}.get(text[-1], 1)
 
 
-def best_time(run, passes: int, min_s: float = 0.15) -> float:
-    """Seconds per call: ``run()`` makes ``passes`` calls; the best of ≥ 3 timed rounds lasting ≥ ``min_s``."""
-    run()
-    times = []
-    while len(times) < 3 or sum(times) * passes < min_s * 3:
+def interleaved(runs: dict, rounds: int = 7, min_round_s: float = 0.02) -> dict[str, float]:
+    """Seconds per product for each of ``runs`` ({name: list of zero-argument calls}): the rounds alternate
+    between the runs, so a change of load on a shared machine hits them alike, and each run's best round counts."""
+    reps = {}
+    for name, calls in runs.items():
         start = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - start) / passes)
-        if len(times) > 50:
-            break
-    return min(times)
+        for call in calls:
+            call()
+        reps[name] = max(1, math.ceil(min_round_s / max(time.perf_counter() - start, 1e-9)))
+    best = dict.fromkeys(runs, math.inf)
+    for _ in range(rounds):
+        for name, calls in runs.items():
+            start = time.perf_counter()
+            for _ in range(reps[name]):
+                for call in calls:
+                    call()
+            best[name] = min(best[name], (time.perf_counter() - start) / (reps[name] * len(calls)))
+    return best
 
 
 def random_pruned(rows: int, cols: int, sparsity: float, seed: int = 0) -> torch.Tensor:
@@ -81,15 +89,16 @@ def random_pruned(rows: int, cols: int, sparsity: float, seed: int = 0) -> torch
 
 
 def _copies(nbytes: int, streamed: bool, stream_bytes: int) -> int:
+    """Copies of a matrix that make a pass stream from memory (≥ ``stream_bytes``), or 1 (cache-resident)."""
     return max(2, math.ceil(stream_bytes / nbytes)) if streamed else 1
 
 
-def time_dense(W: torch.Tensor, x: torch.Tensor, streamed: bool, stream_bytes: int) -> float:
+def dense_calls(W: torch.Tensor, x: torch.Tensor, streamed: bool, stream_bytes: int) -> list:
     weights = [W.clone() for _ in range(_copies(W.numel() * W.element_size(), streamed, stream_bytes))]
-    return best_time(lambda: [F.linear(x, w) for w in weights], len(weights))
+    return [lambda w=w: F.linear(x, w) for w in weights]
 
 
-def time_sparse(packed, x: torch.Tensor, streamed: bool, stream_bytes: int, dense_from: int | None = None) -> float:
+def sparse_calls(packed, x: torch.Tensor, streamed: bool, stream_bytes: int, dense_from: int | None = None) -> list:
     from optimum_mosaic.sparse import BitmapTensor, sparse_linear
 
     n = _copies(packed.nbytes, streamed, stream_bytes)
@@ -97,7 +106,7 @@ def time_sparse(packed, x: torch.Tensor, streamed: bool, stream_bytes: int, dens
         BitmapTensor(packed.bitmaps.clone(), packed.values.clone(), packed.offsets.clone(), packed.shape)
         for _ in range(n)
     ]
-    return best_time(lambda: [sparse_linear(x, p, dense_from=dense_from) for p in copies], n)
+    return [lambda p=p: sparse_linear(x, p, dense_from=dense_from) for p in copies]
 
 
 def kernel_table(shapes: dict, threads: list[int], quick: bool) -> list[dict]:
@@ -109,32 +118,25 @@ def kernel_table(shapes: dict, threads: list[int], quick: bool) -> list[dict]:
         x = torch.randn(1, in_f)
         small = (out_f, in_f) in SMOLLM2.values()
         sparsities = [0.5, 0.7, 0.9] if quick or not small else [0.3, 0.4, 0.5, 0.7, 0.9]
-        for n_threads in threads:
-            torch.set_num_threads(n_threads)
-            dense = {}
-            for regime in ("streamed", "resident"):
-                streamed = regime == "streamed"
-                W = torch.randn(out_f, in_f)
-                dense[regime] = (
-                    time_dense(W, x, streamed, stream_bytes),
-                    time_dense(W.bfloat16(), x.bfloat16(), streamed, stream_bytes),
-                )
-            for sparsity in sparsities:
-                W = random_pruned(out_f, in_f, sparsity)
-                packed = compress(W)
+        for sparsity in sparsities:
+            W = random_pruned(out_f, in_f, sparsity)
+            packed = compress(W)
+            for n_threads in threads:
+                torch.set_num_threads(n_threads)
                 row = {"shape": f"{out_f}×{in_f}", "projection": name, "sparsity": sparsity, "threads": n_threads}
-                for regime, (fp32, bf16) in dense.items():
+                for regime in ("streamed", "resident"):
                     streamed = regime == "streamed"
-                    sparse32 = time_sparse(packed, x, streamed, stream_bytes)
-                    sparse16 = time_sparse(packed.to(torch.bfloat16), x, streamed, stream_bytes)
-                    row[regime] = {
-                        "dense_fp32_us": round(fp32 * 1e6, 1),
-                        "dense_bf16_us": round(bf16 * 1e6, 1),
-                        "kernel_fp32_us": round(sparse32 * 1e6, 1),
-                        "kernel_bf16_us": round(sparse16 * 1e6, 1),
-                        "speedup_fp32": round(fp32 / sparse32, 2),
-                        "speedup_bf16_values": round(fp32 / sparse16, 2),
-                    }
+                    t = interleaved(
+                        {
+                            "dense_fp32": dense_calls(W, x, streamed, stream_bytes),
+                            "dense_bf16": dense_calls(W.bfloat16(), x.bfloat16(), streamed, stream_bytes),
+                            "kernel_fp32": sparse_calls(packed, x, streamed, stream_bytes),
+                            "kernel_bf16": sparse_calls(packed.to(torch.bfloat16), x, streamed, stream_bytes),
+                        }
+                    )
+                    row[regime] = {f"{k}_us": round(v * 1e6, 1) for k, v in t.items()}
+                    row[regime]["speedup_fp32"] = round(t["dense_fp32"] / t["kernel_fp32"], 2)
+                    row[regime]["speedup_bf16_values"] = round(t["dense_fp32"] / t["kernel_bf16"], 2)
                 row["bytes_ratio_fp32"] = round(packed.nbytes / packed.dense_nbytes, 4)
                 rows.append(row)
                 print(_kernel_line(row), flush=True)
@@ -165,19 +167,16 @@ def crossover(threads: list[int], quick: bool) -> list[dict]:
             torch.set_num_threads(n_threads)
             for tokens in (1, 2, 4, 8, 12, 16, 24, 32, 64):
                 x = torch.randn(tokens, in_f)
-                dense = time_dense(W, x, True, stream_bytes)
-                sparse = time_sparse(packed, x, True, stream_bytes, dense_from=10**9)
-                blocks = time_sparse(packed, x, True, stream_bytes, dense_from=1)
-                rows.append(
+                t = interleaved(
                     {
-                        "shape": f"{out_f}×{in_f}",
-                        "threads": n_threads,
-                        "tokens": tokens,
-                        "dense_us": round(dense * 1e6, 1),
-                        "sparse_path_us": round(sparse * 1e6, 1),
-                        "dense_blocks_us": round(blocks * 1e6, 1),
-                    }
+                        "dense": dense_calls(W, x, True, stream_bytes),
+                        "sparse_path": sparse_calls(packed, x, True, stream_bytes, dense_from=10**9),
+                        "dense_blocks": sparse_calls(packed, x, True, stream_bytes, dense_from=1),
+                    },
+                    rounds=5,
                 )
+                row = {"shape": f"{out_f}×{in_f}", "threads": n_threads, "tokens": tokens}
+                rows.append({**row, **{f"{k}_us": round(v * 1e6, 1) for k, v in t.items()}})
                 print(rows[-1], flush=True)
     torch.set_num_threads(max(threads))
     return rows

@@ -13,7 +13,7 @@ and compressed (format 2, fp32 and bf16 values). Every measurement runs in a fre
 
 measured: resident memory (VmRSS after loading minus before, MiB), the exact bytes of the decoder projections,
 checkpoint size, greedy decode tokens/s (a 32-token prompt, then 64 single-token steps with a KV cache; best of
-2) and whether the first 32 greedy tokens equal those of the dense run. With ``--ppl`` the 70 % model's
+2 in the process, and of 2 processes per mode, the modes alternating) and whether the first 32 greedy tokens equal those of the dense run. With ``--ppl`` the 70 % model's
 perplexity (8 × 512 tokens of *Persuasion*) on the kernel with fp32 and with bf16 values.
 """
 
@@ -132,10 +132,14 @@ def run(workdir: Path, threads: list[int], quick: bool) -> list[dict]:
     rows = []
     for n_threads in threads:
         for name in VARIANTS:
-            dense = None
-            for mode, kind in MODES.items():
-                result = _run_worker(dirs[name] / kind, mode != "dense fp32", n_threads, new_tokens)
-                dense = dense or result
+            results = {}
+            for _ in range(1 if quick else 2):  # the modes alternate; each keeps its faster run
+                for mode, kind in MODES.items():
+                    result = _run_worker(dirs[name] / kind, mode != "dense fp32", n_threads, new_tokens)
+                    if mode not in results or result["decode_tokens_per_s"] > results[mode]["decode_tokens_per_s"]:
+                        results[mode] = result
+            dense = results["dense fp32"]
+            for mode, result in results.items():
                 result["decode_speedup"] = round(result["decode_tokens_per_s"] / dense["decode_tokens_per_s"], 2)
                 result["resident_ratio"] = round(result["resident_mib"] / dense["resident_mib"], 3)
                 result["file_ratio"] = round(result["file_mib"] / dense["file_mib"], 3)
