@@ -134,13 +134,12 @@ def materialize(model, path: Path, sparse_kernel: bool, min_sparsity: float = MI
     (a corrupted or truncated file → ``CheckpointMismatchError`` naming it), then run it on the sparse kernel
     (``SparseLinear``, when its sparsity reaches ``min_sparsity``) or decode it to ``nn.Linear``."""
     from ..exceptions import CheckpointMismatchError
-    from ..models.modeling_mosaic import CompressedLinear
 
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     stored = getattr(torch, (getattr(model.config, "mosaic_compressed", None) or {}).get("values_dtype", "float32"))
     for name, module in list(model.named_modules()):
-        if not isinstance(module, CompressedLinear):
-            continue
+        if not (hasattr(module, "weight_values") and hasattr(module, "to_linear")):
+            continue  # CompressedLinear, from this package or from the code shipped in the checkpoint
         packed = _packed(module)
         if packed.values.dtype != stored:  # from_pretrained(dtype=...) cast them; back to the stored (exact) values
             packed = packed.to(stored)

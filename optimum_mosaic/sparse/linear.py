@@ -3,14 +3,17 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
 from .format import BitmapTensor, compress, decompress, tiles_per_row
 from .kernel import resolve_path, sparse_linear
 
-# The sparsity from which a projection is swapped (``to_sparse_kernel``). benchmarks/sparse_kernel.py: with the
-# weights streamed from memory, as in decoding, the kernel matches dense fp32 near 0.3 and wins from ~0.4 on.
+# The sparsity from which a projection is swapped (``to_sparse_kernel``). benchmarks/sparse_kernel.py (weights
+# streamed from memory, as in decoding; 1 thread, Zen 4): from 40 % every SmolLM2 shape ran ≥ 1.3× faster than
+# dense fp32; at 30 % the 576×1536 down projection only broke even.
 MIN_SPARSITY = 0.4
 _PARTS = ("bitmaps", "values", "offsets")
 
@@ -125,11 +128,16 @@ def to_sparse_kernel(
 
     if not 0.0 <= min_sparsity <= 1.0:
         raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity}")
-    if getattr(model, "is_quantized", False) or getattr(model, "quantization_method", None):
+    if getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_quantized", False):
         raise ValueError("to_sparse_kernel needs unquantized weights; load without quantization_config")
     if values_dtype not in (None, torch.float32, torch.bfloat16):
         raise ValueError(f"values_dtype must be torch.float32 or torch.bfloat16, got {values_dtype}")
     resolved = resolve_path(path)  # fails early on an unknown or unavailable path
+    if resolved in ("scalar", "torch"):
+        warnings.warn(
+            f"the sparse kernel runs its {resolved!r} path here, slower than dense fp32: the swap saves memory only",
+            stacklevel=2,
+        )
     swapped, kept = [], []
     for name, module in named_projections(model).items():
         if type(module) is not nn.Linear:
