@@ -1,39 +1,37 @@
-"""Size and speed of dense / unstructured-only / structured-only / composite at 50 % removed.
+"""Quality, size and speed of unstructured-only, composite and structured-only pruning.
 
-    python benchmarks/structured_benchmark.py            # prunes, saves, then measures each checkpoint
+    python benchmarks/structured_benchmark.py                                  # SmolLM2-135M
+    python benchmarks/structured_benchmark.py --model gemma3-270m --eval-windows 20 --out benchmarks/results/structured_gemma3.json
+    python benchmarks/structured_benchmark.py --old-code /path/to/old/checkout --only composite   # old rows
 
-Each checkpoint is measured in a fresh subprocess (``--measure PATH``) with torch threads fixed:
-parameter count, safetensors size, peak RSS after loading, prefill latency of a 512-token prompt,
-greedy decode tokens/s, and perplexity on held-out text. Results: ``benchmarks/results/structured.json``.
+Every prune runs in its own subprocess (``--prune NAME``; with ``--old-code`` that subprocess imports
+optimum_mosaic from another checkout, so old and new code are compared on the same windows and settings), and
+every checkpoint is measured in a fresh subprocess (``--measure PATH``) with torch threads fixed: parameters,
+safetensors size, prefill time of a 512-token prompt, greedy decode tokens/s, and perplexity on held-out text.
+``--heal-steps N`` adds a row: the composite β = 0.2 checkpoint after N LoRA steps on the calibration text
+(``examples/lora_on_pruned.py``: masks recorded first, merged and re-masked). Results: ``--out`` (JSON).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-# one allocation for all three (OWL, λ=0.08, M=5: no λ search, per-layer shapes differ)
-_PLAN = dict(allocation="layer", lamda=0.08, outlier_threshold=5)
+_COMMON = dict(allocation="uniform", pruner="sparsegpt")  # isolates the structured part; no λ search
 VARIANTS = {
-    "unstructured-only": dict(sparsity=0.5, structured_sparsity=0.0, **_PLAN),
-    "structured-only": dict(sparsity=0.5, structured_sparsity=0.5, **_PLAN),
-    "composite (β=0.25)": dict(sparsity=0.5, structured_sparsity=0.25, **_PLAN),
+    "unstructured-only": dict(sparsity=0.5, structured_sparsity=0.0, **_COMMON),
+    "composite β=0.1": dict(sparsity=0.5, structured_sparsity=0.1, **_COMMON),
+    "composite β=0.2": dict(sparsity=0.5, structured_sparsity=0.2, **_COMMON),
+    "composite β=0.25": dict(sparsity=0.5, structured_sparsity=0.25, **_COMMON),
+    "structured-only 0.2": dict(sparsity=0.2, structured_sparsity=0.2, **_COMMON),
 }
-
-
-def _peak_rss_mib() -> float:
-    """VmHWM of this process. (``ru_maxrss`` is inherited from the parent across fork+exec on Linux,
-    so it reported the driver's peak for every checkpoint.)"""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+HEALED = "composite β=0.2"
 
 
 def measure(path: str, threads: int, eval_windows: int) -> dict:
@@ -46,7 +44,6 @@ def measure(path: str, threads: int, eval_windows: int) -> dict:
     from optimum_mosaic import perplexity
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    rss_mib = _peak_rss_mib()
     tokenizer = AutoTokenizer.from_pretrained(path)
     prompt = torch.randint(100, 20000, (1, 512), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
@@ -62,77 +59,122 @@ def measure(path: str, threads: int, eval_windows: int) -> dict:
             out = model.generate(prompt[:, :16], max_new_tokens=64, min_new_tokens=64, do_sample=False)
             decode.append((out.shape[1] - 16) / (time.perf_counter() - start))
     files = list(Path(path).glob("*.safetensors"))
+    layers = model.get_decoder().layers
     return {
         "parameters": sum(p.numel() for p in model.parameters()),
-        "nonzero_parameters": sum(int((p != 0).sum()) for p in model.parameters()),
+        "decoder_parameters": sum(p.numel() for p in layers.parameters()),
+        "nonzero_decoder_parameters": sum(int((p != 0).sum()) for p in layers.parameters()),
         "safetensors_mib": round(sum(f.stat().st_size for f in files) / 2**20, 1),
-        "peak_rss_after_load_mib": round(rss_mib, 1),
         "prefill_512_s": round(statistics.median(prefill), 3),
         "decode_tokens_per_s": round(statistics.median(decode), 2),
         "perplexity": round(perplexity(model, tokenizer, seqlen=512, max_windows=eval_windows, progress=False), 3),
     }
 
 
+def prune(name: str, model: str, target: str, nsamples: int, seqlen: int) -> dict:
+    from optimum_mosaic import PrunedConfig, Pruner
+
+    pruner = Pruner.from_pretrained(model)
+    start = time.perf_counter()
+    pruner.prune(PrunedConfig(nsamples=nsamples, seqlen=seqlen, **VARIANTS[name]), save_directory=target)
+    report = pruner.report
+    return {
+        "prune_s": round(time.perf_counter() - start, 1),
+        "achieved_sparsity": report.achieved_sparsity,
+        "structured_sparsity": report.structured_sparsity,
+    }
+
+
+def _child(args: list[str], pythonpath: str | None = None) -> dict:
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    out = subprocess.run([sys.executable, __file__, *args], check=True, capture_output=True, text=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def heal(path: Path, steps: int, seqlen: int) -> dict:
+    """LoRA on the calibration text, merged and re-masked (examples/lora_on_pruned.py)."""
+    import runpy
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "lora_on_pruned.py"
+    main = runpy.run_path(str(example), run_name="example")["main"]
+    target = path.with_name(path.name + "-healed")
+    start = time.perf_counter()
+    result = main(["--model", str(path), "--steps", str(steps), "--seqlen", str(seqlen), "--output", str(target)])
+    return {"path": str(target), "heal_s": round(time.perf_counter() - start, 1), **result}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--measure", help="measure one checkpoint and print JSON (used internally)")
+    parser.add_argument("--measure", help="measure one checkpoint and print JSON (internal)")
+    parser.add_argument("--prune", help="prune one variant and print JSON (internal)")
+    parser.add_argument("--target", help="where --prune saves (internal)")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--workdir", default="benchmarks/checkpoints")
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval-windows", type=int, default=40)
+    parser.add_argument("--only", nargs="+", default=None, help="variants whose name contains one of these words")
+    parser.add_argument("--old-code", default=None, help="a checkout of older optimum-mosaic to prune with")
+    parser.add_argument("--label", default=None, help="code label of the rows (default: new, or old with --old-code)")
+    parser.add_argument("--no-dense", action="store_true", help="skip the dense row")
+    parser.add_argument("--heal-steps", type=int, default=0)
+    parser.add_argument("--heal-seqlen", type=int, default=256)
     parser.add_argument("--out", default="benchmarks/results/structured.json")
-    parser.add_argument("--prune-only", action="store_true", help="prune and save, measure later")
-    parser.add_argument("--measure-only", action="store_true", help="measure checkpoints saved by --prune-only")
     args = parser.parse_args()
     if args.measure:
         print(json.dumps(measure(args.measure, args.threads, args.eval_windows)))
         return
+    if args.prune:
+        print(json.dumps(prune(args.prune, args.model, args.target, args.nsamples, args.seqlen)))
+        return
 
-    import torch
-
-    from optimum_mosaic import PrunedConfig, Pruner
     from optimum_mosaic.packaged_models import resolve_model_path
     from optimum_mosaic.report import format_table
 
-    paths = {"dense": resolve_model_path(args.model)}
-    timing_file = Path(args.workdir) / "prune_s.json"
-    prune_s = json.loads(timing_file.read_text()) if args.measure_only else {}
-    for name, options in VARIANTS.items():
-        target = Path(args.workdir) / name.split(" ")[0]
-        paths[name] = str(target)
-        if args.measure_only:
-            continue
-        pruner = Pruner.from_pretrained(args.model)
-        start = time.perf_counter()
-        pruner.prune(PrunedConfig(nsamples=args.nsamples, seqlen=args.seqlen, **options), save_directory=target)
-        prune_s[name] = round(time.perf_counter() - start, 1)
-        del pruner
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    timing_file.write_text(json.dumps(prune_s))
-    if args.prune_only:
-        return
-    rows = []
-    for name, path in paths.items():
-        cmd = [
-            sys.executable,
-            __file__,
-            "--measure",
-            path,
-            "--threads",
-            str(args.threads),
-            "--eval-windows",
-            str(args.eval_windows),
-        ]
-        result = json.loads(
-            subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-        )
-        rows.append({"model": name, **result, "prune_s": prune_s.get(name, "-")})
+    label = args.label or ("old" if args.old_code else "new")
+    measure_args = ["--threads", str(args.threads), "--eval-windows", str(args.eval_windows)]
+    out = Path(args.out)
+    names = [n for n in VARIANTS if not args.only or any(w in n for w in args.only)]
+    # rows of earlier runs stay unless this run measures them again
+    redone = {(label, n) for n in names} | {(label, f"{HEALED} + LoRA {args.heal_steps} steps")}
+    redone |= set() if args.no_dense else {("-", "dense")}
+    rows = json.loads(out.read_text())["rows"] if out.exists() else []
+    rows = [r for r in rows if (r["code"], r["model"]) not in redone]
+    if not args.no_dense:
+        dense = _child(["--measure", str(resolve_model_path(args.model)), *measure_args])
+        rows.append({"model": "dense", "code": "-", **dense})
         print(rows[-1], flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1) + "\n")
-    print(format_table(rows, list(rows[0])))
+    for name in names:
+        target = Path(args.workdir) / args.model / label / name.replace(" ", "_").replace("=", "")
+        pruned = _child(
+            [
+                "--prune",
+                name,
+                "--target",
+                str(target),
+                "--model",
+                args.model,
+                "--nsamples",
+                str(args.nsamples),
+                "--seqlen",
+                str(args.seqlen),
+            ],
+            args.old_code,
+        )
+        rows.append({"model": name, "code": label, **pruned, **_child(["--measure", str(target), *measure_args])})
+        print(rows[-1], flush=True)
+        if args.heal_steps and name == HEALED:
+            healed = heal(target, args.heal_steps, args.heal_seqlen)
+            measured = _child(["--measure", healed["path"], *measure_args])
+            rows.append({"model": f"{name} + LoRA {args.heal_steps} steps", "code": label, **healed, **measured})
+            print(rows[-1], flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1, ensure_ascii=False) + "\n")
+    columns = ["model", "code", "parameters", "safetensors_mib", "prefill_512_s", "decode_tokens_per_s", "perplexity"]
+    print(format_table(rows, columns + ["prune_s"]))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 
@@ -29,7 +30,8 @@ from .evaluation import mean_nll
 from .models import fit_config_to_shapes
 from .registry import get_method
 from .report import PruningReport, Targets, achieved, count_zeros, prunable_numel
-from .structured.composite import remainder_plan, remove_empty_units, shrink_by_plan
+from .structured import model_shapes, plan_cuts, remove_units, unit_options
+from .structured.composite import remainder_plan, remove_empty_units, restrict_statistics
 
 logger = logging.get_logger(__name__)
 
@@ -110,32 +112,33 @@ class Pruner:
         kernel = get_method("unstructured", config.pruner)
         dense_numel = prunable_numel(targets)
         profile = OutlierProfile(dense_numel)
-        acts, heldout, dense_stats = None, None, {}
+        acts, heldout = None, None
         structured = config.structured_sparsity > 0
         if allocator.needs or kernel.needs or structured:
             acts, heldout = self._calibrate(config, calibration_dataset, batch_size)
         if "loss_hessian" in allocator.needs:
             profile.sensitivity = self._loss_hessian_traces(config, targets)
         clock["calibration"] = time.perf_counter()
+        options = {}
         if "outliers" in allocator.needs or structured:
             thresholds = search_thresholds(config.lamda, config.outlier_threshold)
-            dense_stats = self._outlier_pass(acts.clone(), targets, profile, thresholds)
+            options = self._outlier_pass(acts.clone(), targets, profile, thresholds, config)
         clock["outliers"] = time.perf_counter()
         plan, lamda, threshold, table = self._allocate(
             config, allocator, kernel, profile, targets, acts, heldout, batch_size
         )
         clock["allocation"] = time.perf_counter()
-        if structured:
-            shrink_by_plan(
-                self.model, self.spec, dense_stats, plan, config.structured_sparsity, config.structured_units
+        cuts = {}
+        if structured:  # how many units each layer gives up; the walk chooses and removes them
+            cuts, numel = plan_cuts(
+                options, model_shapes(self.model, self.spec), config.structured_sparsity, dense_numel
             )
-            targets = self._targets(config)
-            plan = remainder_plan(plan, dense_numel, prunable_numel(targets), config.sparsity)
+            plan = remainder_plan(plan, dense_numel, numel, config.sparsity)
         clock["structured"] = time.perf_counter()
-        if self._searched is not None and not structured:
+        if self._searched is not None:
             self._restore(targets, self._searched)  # the winning candidate already is this prune
         else:
-            self._prune_layers(acts, targets, plan, kernel, config)
+            self._prune_layers(acts, targets, plan, kernel, config, cuts)
         self._searched = None
         if self.store is None:  # offloaded layers are not all at hand; the clean-up is skipped there
             remove_empty_units(self.model, self.spec)
@@ -211,31 +214,42 @@ class Pruner:
         stats, out = collect_statistics(layer, acts, idx, hooked, hessian)
         return {p: stats[o] for p, o in owners.items()}, out
 
-    def _outlier_pass(self, acts: Activations, targets: Targets, profile: OutlierProfile, thresholds):
-        """Dense walk: Wanda scores of every projection → outlier ratios (profile updated in place).
-        Returns the dense input statistics (‖X_j‖² per projection)."""
-        dense_stats = {}
+    def _outlier_pass(self, acts: Activations, targets: Targets, profile: OutlierProfile, thresholds, config):
+        """Dense walk: Wanda scores of every projection → outlier ratios (profile updated in place). With
+        structured removal, also what each layer could give up: ``{(layer, kind): [Option]}``."""
+        units = config.structured_units if config.structured_sparsity > 0 else ()
+        options = {}
         layers = decoder_layers(self.model, self.spec)
         for idx in tqdm(range(len(layers)), desc="Outlier profile"):
             with self._resident(idx) as layer:
                 if idx in targets:
-                    stats, out = self._layer_statistics(layer, acts, idx, targets, hessian=False)
+                    whole = units and len(targets[idx]) == len(self.spec.keys)  # units need every projection
+                    hessian = ("o", "down") if whole else False
+                    stats, out = self._layer_statistics(layer, acts, idx, targets, hessian)
                     scores = {p: wanda_scores(lin.weight, stats[p].sumsq) for p, lin in targets[idx].items()}
                     profile.add_layer(idx, scores, thresholds)
                     for p, s in stats.items():  # sensitivity proxy, unless a Hutchinson estimate is there
                         profile.sensitivity.setdefault((idx, p), input_hessian_proxy(s.sumsq, s.tokens))
-                    dense_stats.update({(idx, p): s for p, s in stats.items()})
+                    if whole:
+                        scale = float(acts.hidden.double().square().sum())
+                        found = unit_options(layer, self.spec, stats, units, config.dampening, scale)
+                        options.update({(idx, kind): opts for kind, opts in found.items()})
                 else:
                     out = forward_layer(layer, acts, idx)
             acts.hidden = out
-        return dense_stats
+        return options
 
     def _allocate(self, config, allocator, kernel, profile, targets, acts, heldout, batch_size):
         self._searched = None
         if not allocator.needs:
             return allocator.fn(profile, config.sparsity), None, None, []
         lamda, threshold, table = config.lamda, config.outlier_threshold, []
-        if config.search_grid:
+        if config.search_grid and config.structured_sparsity > 0:
+            # the search would score three whole composite prunes; the unstructured remainder is spread evenly
+            threshold = search_thresholds(lamda, threshold)[0]  # the first M the outlier pass measured
+            lamda = 0.0 if lamda == AUTO else lamda
+            logger.info("structured_sparsity > 0: no λ/M search, λ=%.3f M=%.1f", lamda, threshold)
+        elif config.search_grid:
             candidates = search_grid(config.sparsity, lamda, threshold)
             score = self._proxy_score(kernel, config, targets, acts, heldout, batch_size)
             lamda, threshold, table = search_allocation(allocator.fn, profile, config.sparsity, candidates, score)
@@ -267,45 +281,65 @@ class Pruner:
             lin.weight.data.copy_(weights[key])
 
     @torch.no_grad()
-    def _prune_layers(self, acts, targets: Targets, plan, kernel, config: PrunedConfig) -> None:
-        """Sequential pass: statistics from already-pruned inputs, prune, propagate pruned outputs."""
-        options = {
-            "nm": config.nm,
-            "dampening": config.dampening,
-            "block_size": config.block_size,
-            "saliency": config.saliency,
-        }
+    def _prune_layers(self, acts, targets: Targets, plan, kernel, config: PrunedConfig, cuts=None) -> None:
+        """Sequential pass: statistics from already-pruned inputs, remove units (``cuts``), prune, propagate."""
+        cuts = cuts or {}
         self._dampening = {}
         last = max(targets)
-        if all(s == 0 for s in plan.values()):
-            return  # structured pruning already removed everything the target asks for
-        hessian = "hessian" in kernel.needs
-
-        def prune(idx: int, proj: str, stats) -> None:
-            lin = targets[idx][proj]
-            info = {}
-            new = kernel.fn(lin.weight.data, stats, plan[(idx, proj)], info=info, **options)
-            lin.weight.data.copy_(new)
-            if info.get("dampening", config.dampening) != config.dampening:
-                self._dampening[f"{idx}.{proj}"] = info["dampening"]
-
+        if not cuts and all(s == 0 for s in plan.values()):
+            return  # nothing to remove
+        prune = functools.partial(self._prune_one, targets, plan, kernel, config)
+        walk = bool(kernel.needs or cuts)  # the layers must see the outputs of the pruned layers before them
         for idx in tqdm(range(last + 1), desc=f"Pruning ({config.pruner})"):
             with self._resident(idx, write=self.store is not None) as layer:
-                if idx not in targets or not kernel.needs:
-                    for proj in targets.get(idx, {}):
-                        prune(idx, proj, None)
-                    if kernel.needs and idx < last:
-                        acts.hidden = forward_layer(layer, acts, idx)
-                elif config.sequential == "projection":
-                    acts.hidden = self._forward_pruning(layer, acts, idx, targets, hessian, prune)
-                else:
-                    stats, _ = self._layer_statistics(layer, acts, idx, targets, hessian)
-                    for proj, s in stats.items():
-                        prune(idx, proj, s)
-                    if idx < last:
-                        acts.hidden = forward_layer(layer, acts, idx)
+                propagate = walk and idx < last
+                self._walk_layer(layer, acts, idx, targets, kernel, config, cuts.get(idx), prune, propagate)
                 if self.store is not None and idx in targets:
                     self.store.counts.update(count_zeros({idx: targets[idx]}))
+
+    def _prune_one(self, targets: Targets, plan, kernel, config: PrunedConfig, idx: int, proj: str, stats) -> None:
+        lin, sparsity = targets[idx][proj], plan[(idx, proj)]
+        if sparsity == 0:
+            return
+        info = {}
+        options = dict(nm=config.nm, dampening=config.dampening, block_size=config.block_size, saliency=config.saliency)
+        lin.weight.data.copy_(kernel.fn(lin.weight.data, stats, sparsity, info=info, **options))
+        if info.get("dampening", config.dampening) != config.dampening:
+            self._dampening[f"{idx}.{proj}"] = info["dampening"]
+
+    def _walk_layer(self, layer, acts, idx, targets: Targets, kernel, config, cut, prune, propagate: bool) -> None:
+        """Layer ``idx``: remove units (``cut``), prune its projections, and (``propagate``) compute its outputs
+        for the next layer from the pruned layer."""
+        hessian = "hessian" in kernel.needs
+        stats = self._remove_units(layer, acts, idx, targets, cut, config, hessian) if cut else None
+        if idx not in targets or not kernel.needs:
+            for proj in targets.get(idx, {}):
+                prune(idx, proj, None)
+            if propagate:
+                acts.hidden = forward_layer(layer, acts, idx)
+        elif config.sequential == "projection":
+            acts.hidden = self._forward_pruning(layer, acts, idx, targets, hessian, prune)
+        else:
+            if stats is None:
+                stats, _ = self._layer_statistics(layer, acts, idx, targets, hessian)
+            for proj, s in stats.items():
+                prune(idx, proj, s)
+            if propagate:
+                acts.hidden = forward_layer(layer, acts, idx)
+
+    def _remove_units(self, layer, acts, idx, targets: Targets, cut, config, hessian: bool) -> dict | None:
+        """Structured step of layer ``idx``: statistics of the layer as it is, remove units with compensation,
+        refresh ``targets[idx]``. With ``sequential="layer"`` the statistics serve the unstructured step too
+        (restricted to the kept inputs of ``o`` and ``down``); otherwise the pruning forward collects its own."""
+        reuse = config.sequential == "layer"
+        stats, _ = self._layer_statistics(layer, acts, idx, targets, True if reuse and hessian else ("o", "down"))
+        keep = remove_units(layer, self.spec, stats, cut, config.dampening)
+        targets[idx] = layer_projections(layer, self.spec, list(targets[idx]))
+        if not reuse:
+            return None
+        stats["o"] = restrict_statistics(stats["o"], keep["heads"], layer.get_submodule(self.spec.attention).head_dim)
+        stats["down"] = restrict_statistics(stats["down"], keep["channels"])
+        return stats
 
     def _forward_pruning(self, layer, acts, idx, targets: Targets, hessian: bool, prune) -> torch.Tensor:
         """One forward of the layer; each input group is pruned as its input arrives (q, k, v share one)."""
@@ -330,22 +364,14 @@ class Pruner:
         if abs(planned - config.sparsity) > 1e-3:
             notes.append(f"the {config.allocation} plan averages {planned:.4f}, not the target {config.sparsity}")
             logger.warning(
-                "Allocation %s drifts from the target: planned %.4f vs %.4f",
-                config.allocation,
-                planned,
-                config.sparsity,
+                "Allocation %s drifts from the target: %.4f vs %.4f", config.allocation, planned, config.sparsity
             )
         if getattr(self, "_dampening", None):
             notes.append(f"SparseGPT needed more dampening for {self._dampening}")
-        t = clock
-        timings = {
-            "calibration_s": t["calibration"] - t["start"],
-            "outlier_profile_s": t["outliers"] - t["calibration"],
-            "allocation_s": t["allocation"] - t["outliers"],
-            "structured_s": t["structured"] - t["allocation"],
-            "prune_s": t["prune"] - t["structured"],
-            "total_s": t["prune"] - t["start"],
-        }
+        stages = ("start", "calibration", "outliers", "allocation", "structured", "prune")
+        names = ("calibration_s", "outlier_profile_s", "allocation_s", "structured_s", "prune_s")
+        timings = {n: clock[b] - clock[a] for n, a, b in zip(names, stages, stages[1:], strict=False)}
+        timings["total_s"] = clock["prune"] - clock["start"]
         return PruningReport(
             target_sparsity=config.sparsity,
             planned_sparsity=round(planned, 6),

@@ -212,10 +212,15 @@ print(type(m).__name__)
 @pytest.mark.parametrize("model_type", ["gemma3_text", "opt"])
 def test_uniform_composite_keeps_the_plain_config(model_type, tmp_path):
     """Equal MLP widths in every layer are written into the family's own config key (ffn_dim for OPT)."""
+    from optimum_mosaic.structured import apply_cuts, layer_shape
+
     model = tiny(model_type)
-    config = PrunedConfig(
-        sparsity=0.5, allocation="uniform", structured_sparsity=0.2, structured_units=["mlp"], **SMALL
-    )
+    spec = get_arch_spec(model)
+    for layer in decoder_layers(model):  # the same MLP width in every layer, then an unstructured prune
+        shape = layer_shape(layer, spec)
+        keep = {"channels": torch.arange(0, shape.intermediate, 2), "heads": torch.arange(shape.heads)}
+        apply_cuts(layer, spec, {**keep, "groups": torch.arange(shape.kv_heads)})
+    config = PrunedConfig(sparsity=0.5, allocation="uniform", **SMALL)
     Pruner(model).prune(config, calibration_dataset=X, save_directory=tmp_path)
     width = {"gemma3_text": "intermediate_size", "opt": "ffn_dim"}[model_type]
     assert model.config.model_type == model_type

@@ -79,13 +79,17 @@ print(type(m).__name__)
 
 
 def test_uniform_shapes_keep_the_plain_config(tmp_path):
-    model = composite(allocation="uniform", structured_units=["mlp"])
-    assert model.config.model_type == "llama"
-    assert len({tuple(s.values()) for s in model.mosaic_report.layer_shapes or [{}]}) == 1
-    assert model.config.intermediate_size < 128
-    from optimum_mosaic.serialization import save_pruned
+    from optimum_mosaic.architectures import get_arch_spec
+    from optimum_mosaic.models import fit_config_to_shapes
+    from optimum_mosaic.structured import apply_cuts
 
-    save_pruned(model, None, tmp_path / "plain", model.mosaic_config, model.mosaic_report)
+    model = tiny_llama(num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=3, hidden_size=96)
+    for layer in model.model.layers:  # the same MLP width everywhere
+        keep = {"channels": torch.arange(0, 128, 2), "heads": torch.arange(6), "groups": torch.arange(3)}
+        apply_cuts(layer, get_arch_spec(model), keep)
+    assert fit_config_to_shapes(model) is False
+    assert model.config.model_type == "llama" and model.config.intermediate_size == 64
+    model.save_pretrained(tmp_path / "plain")
     _assert_same(model, AutoModelForCausalLM.from_pretrained(tmp_path / "plain"))
 
 

@@ -16,7 +16,7 @@ Statistics are all-reduced across processes (``distributed.py``) before anything
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
@@ -113,16 +113,18 @@ def forward_layer(layer: nn.Module, acts: Activations, index: int) -> torch.Tens
     return out
 
 
-def _accumulators(inputs: dict[str, nn.Linear], hessian: bool) -> dict[str, InputStatistics]:
+def _accumulators(inputs: dict[str, nn.Linear], hessian: bool | Collection[str]) -> dict[str, InputStatistics]:
+    """Empty float64 sums per input; ``hessian``: for all of them, or for the names it lists."""
+    wants = (lambda name: hessian) if isinstance(hessian, bool) else (lambda name: name in hessian)
     return {
-        name: InputStatistics.empty(lin.in_features, hessian, lin.weight.device, torch.float64)
+        name: InputStatistics.empty(lin.in_features, wants(name), lin.weight.device, torch.float64)
         for name, lin in inputs.items()
     }
 
 
 @torch.inference_mode()
 def collect_statistics(
-    layer: nn.Module, acts: Activations, index: int, inputs: dict[str, nn.Linear], hessian: bool
+    layer: nn.Module, acts: Activations, index: int, inputs: dict[str, nn.Linear], hessian: bool | Collection[str]
 ) -> tuple[dict[str, InputStatistics], torch.Tensor]:
     """One hooked forward of ``layer``: statistics of each given linear's input, and the layer outputs."""
     stats = _accumulators(inputs, hessian)

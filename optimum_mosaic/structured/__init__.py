@@ -1,15 +1,27 @@
-"""Structured pruning: score whole units, remove the lowest, physically shrink the layers."""
+"""Structured pruning inside the layer walk: options and costs per layer (dense pre-pass), a budget across
+layers, then per layer removal of whole units with structured-OBS compensation and physical shrinking."""
 
 from __future__ import annotations
 
 import torch
 
 from ..architectures import ArchSpec, decoder_layers, layer_projections
-from .budget import MLP_ROWS, LayerCut, LayerShape, plan_cuts
-from .scores import channel_scores, head_scores, kv_scores, select_channels, select_heads
+from .budget import MAX_CHANNEL_REMOVAL, MLP_ROWS, LayerCut, LayerShape, Option, allocate_removal, layer_cuts, plan_cuts
+from .obs import StructuredOBS, greedy_channels, greedy_heads
 from .shrink import mask_units, shrink_attention, shrink_mlp
 
-__all__ = ["LayerCut", "LayerShape", "apply_cuts", "layer_shape", "plan_cuts", "choose_units"]
+__all__ = [
+    "LayerCut",
+    "LayerShape",
+    "allocate_removal",
+    "apply_cuts",
+    "layer_cuts",
+    "layer_shape",
+    "model_shapes",
+    "plan_cuts",
+    "remove_units",
+    "unit_options",
+]
 
 
 def layer_shape(layer, spec: ArchSpec) -> LayerShape:
@@ -25,17 +37,59 @@ def layer_shape(layer, spec: ArchSpec) -> LayerShape:
     )
 
 
-def choose_units(layer, spec: ArchSpec, stats: dict, cut: LayerCut) -> dict[str, torch.Tensor]:
-    """Which channels, query heads and key/value groups layer keeps (``stats``: projection → InputStatistics)."""
-    p = layer_projections(layer, spec)
-    shape = layer_shape(layer, spec)
-    x = stats[next(k for k in MLP_ROWS if k in stats)].sumsq  # gate and up read the same input
-    gate = p["gate"].weight if "gate" in p else None
-    ch = channel_scores(gate, p["up"].weight, p["down"].weight, x, stats["down"].sumsq)
-    hs = head_scores(p["q"].weight, p["o"].weight, stats["q"].sumsq, stats["o"].sumsq, shape.head_dim)
-    kv = kv_scores(p["k"].weight, p["v"].weight, stats["k"].sumsq, shape.head_dim)
-    heads, groups = select_heads(hs, kv, cut.groups, cut.heads_per_group)
-    return {"channels": select_channels(ch, shape.intermediate - cut.channels), "heads": heads, "groups": groups}
+def model_shapes(model, spec: ArchSpec) -> dict[int, LayerShape]:
+    return {i: layer_shape(layer, spec) for i, layer in enumerate(decoder_layers(model, spec))}
+
+
+@torch.no_grad()
+def unit_options(layer, spec: ArchSpec, stats: dict, units, dampening: float, scale: float) -> dict[str, list[Option]]:
+    """What this layer could give up, per unit kind, with the structured-OBS cost ``ε / scale`` of each option.
+    ``stats``: projection → InputStatistics with the Hessians of ``o`` and ``down``."""
+    p, shape = layer_projections(layer, spec), layer_shape(layer, spec)
+    options = {}
+    if "mlp" in units:
+        state = StructuredOBS(p["down"].weight, stats["down"].hessian, dampening)
+        _, steps = greedy_channels(state, int(MAX_CHANNEL_REMOVAL * shape.intermediate))
+        options["mlp"], removed, cost = [Option(0, 0, 0.0)], 0, 0.0
+        for count, eps in steps:
+            removed, cost = removed + count, cost + eps
+            options["mlp"].append(Option(removed, removed * shape.mlp_matrices * shape.hidden, cost / scale))
+    if "attention" in units:
+        state = StructuredOBS(p["o"].weight, stats["o"].hessian, dampening)
+        whole = shape.attention_params
+        options["attention"] = []
+        for groups in range(1, shape.kv_heads + 1):
+            for per_group in range(1, shape.heads // shape.kv_heads + 1):
+                _, _, eps = greedy_heads(state.clone(), shape.head_dim, shape.kv_heads, groups, per_group)
+                size = whole - shape.attention_size(groups, per_group)
+                options["attention"].append(Option((groups, per_group), size, eps / scale))
+    return options
+
+
+@torch.no_grad()
+def remove_units(layer, spec: ArchSpec, stats: dict, cut: LayerCut, dampening: float) -> dict[str, torch.Tensor]:
+    """Remove what ``cut`` says, choosing units greedily by structured-OBS cost on ``stats`` (Hessians of the
+    inputs of ``o`` and ``down``), compensating ``o``/``down``, then slicing every projection. Returns the kept
+    ``channels``, ``heads`` and ``groups``."""
+    p, shape = layer_projections(layer, spec), layer_shape(layer, spec)
+    whole = LayerCut.whole(shape)
+    keep = {
+        "channels": torch.arange(shape.intermediate),
+        "heads": torch.arange(shape.heads),
+        "groups": torch.arange(shape.kv_heads),
+    }
+    if (cut.groups, cut.heads_per_group) != (whole.groups, whole.heads_per_group):
+        state = StructuredOBS(p["o"].weight, stats["o"].hessian, dampening)
+        keep["heads"], keep["groups"], _ = greedy_heads(
+            state, shape.head_dim, shape.kv_heads, cut.groups, cut.heads_per_group
+        )
+        p["o"].weight.copy_(state.W)
+    if cut.channels < shape.intermediate:
+        state = StructuredOBS(p["down"].weight, stats["down"].hessian, dampening)
+        keep["channels"], _ = greedy_channels(state, shape.intermediate - cut.channels)
+        p["down"].weight.copy_(state.W)
+    apply_cuts(layer, spec, keep)
+    return keep
 
 
 def apply_cuts(layer, spec: ArchSpec, keep: dict[str, torch.Tensor], physical: bool = True) -> None:
@@ -56,7 +110,3 @@ def apply_cuts(layer, spec: ArchSpec, keep: dict[str, torch.Tensor], physical: b
         shrink_mlp(layer, spec.projections, keep["channels"])
     if len(keep["heads"]) < shape.heads or len(keep["groups"]) < shape.kv_heads:
         shrink_attention(layer, spec.projections, spec.attention, keep["heads"], keep["groups"], shape.head_dim)
-
-
-def model_shapes(model, spec: ArchSpec) -> dict[int, LayerShape]:
-    return {i: layer_shape(layer, spec) for i, layer in enumerate(decoder_layers(model, spec))}

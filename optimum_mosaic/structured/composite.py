@@ -1,26 +1,15 @@
-"""Composite pruning: remove β of the prunable parameters as whole units first, then leave the rest
-of the target S to unstructured pruning; afterwards drop units that unstructured pruning emptied."""
+"""Composite pruning: about β of the prunable parameters go as whole units (``structured/__init__.py``), the
+rest of the target S is left to unstructured pruning; afterwards units that unstructured pruning emptied go."""
 
 from __future__ import annotations
 
 import torch
 
 from ..allocation.fit import fit_to_target
-from ..architectures import ArchSpec, check_structured, decoder_layers, layer_projections
+from ..architectures import ArchSpec, decoder_layers, layer_projections
 from ..plan import SparsityPlan
-from . import apply_cuts, choose_units, model_shapes, plan_cuts
+from . import apply_cuts
 from .budget import MLP_ROWS
-
-
-def shrink_by_plan(model, spec: ArchSpec, dense_stats: dict, plan: SparsityPlan, beta: float, units) -> None:
-    """Remove units layer by layer, ``plan`` deciding how much each layer gives up (see ``budget``)."""
-    check_structured(spec, units, model.config.model_type)
-    layers = decoder_layers(model, spec)
-    full = {i for i in range(len(layers)) if all((i, p) in dense_stats for p in spec.keys)}
-    cuts = plan_cuts(plan, {i: s for i, s in model_shapes(model, spec).items() if i in full}, beta, units)
-    for idx, cut in cuts.items():
-        stats = {p: dense_stats[(idx, p)] for p in spec.keys}
-        apply_cuts(layers[idx], spec, choose_units(layers[idx], spec, stats, cut))
 
 
 def remainder_plan(plan: SparsityPlan, dense_numel: dict, numel: dict, sparsity: float) -> SparsityPlan:
@@ -64,3 +53,12 @@ def remove_empty_units(model, spec: ArchSpec) -> int:
         heads = (groups.view(-1, 1) * n_rep + torch.arange(n_rep)).flatten()
         apply_cuts(layer, spec, {"channels": torch.nonzero(live).flatten(), "heads": heads, "groups": groups})
     return before - sum(p.numel() for p in model.parameters())
+
+
+def restrict_statistics(stats, kept: torch.Tensor, unit_size: int = 1):
+    """The statistics of the inputs a shrunk layer still reads: units ``kept`` of ``unit_size`` columns each."""
+    from ..calibration.statistics import InputStatistics
+
+    cols = (kept.view(-1, 1) * unit_size + torch.arange(unit_size)).flatten()
+    hessian = None if stats.hessian is None else stats.hessian[cols][:, cols]
+    return InputStatistics(stats.sumsq[cols], hessian, stats.tokens)
