@@ -1,9 +1,10 @@
-"""The CPU kernel for ``y = x Wᵀ + b`` with ``W`` in the bitmap format: ``csrc/bitmap_kernel.cpp``, compiled on
-first use with ``torch.utils.cpp_extension.load`` (g++ and ninja; once per machine and torch version, cached in
-the torch extensions directory, ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``). Nothing is compiled
-at install time. Without a compiler a one-line warning is given and the plain-PyTorch path is used.
+"""The CPU kernel for ``y = x Wᵀ + b`` with ``W`` in the bitmap format: ``csrc/bitmap_kernel.cpp`` (and its two
+headers), compiled on first use with ``torch.utils.cpp_extension.load`` (g++ and ninja; once per machine, torch
+version and source text, cached in the torch extensions directory, ``$TORCH_EXTENSIONS_DIR`` or
+``~/.cache/torch_extensions``). Nothing is compiled at install time. Without a compiler a one-line warning is
+given and the plain-PyTorch path is used.
 
-Paths (``path=`` or ``$OPTIMUM_MOSAIC_SPARSE_KERNEL``): ``auto`` (the best this CPU has), ``avx512``, ``avx2``,
+Paths (``path=`` or ``$OPTIMUM_MOSAIC_SPARSE_KERNEL``): ``auto`` (the widest SIMD path; AVX2 on AMD), ``avx512``, ``avx2``,
 ``scalar`` (portable C++) and ``torch`` (decompress, then ``F.linear``; no compiler needed).
 With ``DENSE_FROM`` tokens or more (prefill), the kernel expands blocks of rows and uses the dense GEMM.
 """
@@ -32,8 +33,12 @@ _loaded: dict = {}
 
 
 def _extension_name() -> str:
+    """One build per torch version and source text (the headers too, which torch's own check does not hash)."""
+    import hashlib
+
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(SOURCE.parent.glob("*.[ch]*")))).hexdigest()[:10]
     version = torch.__version__.replace(".", "_").replace("+", "_")
-    return f"optimum_mosaic_sparse_torch{version}"
+    return f"optimum_mosaic_sparse_torch{version}_{digest}"
 
 
 def _ops():
