@@ -32,6 +32,17 @@ RUNS = {
         allocation="uniform", pruner="sparsegpt", sequential="layer"
     ),
     "uniform ALPS, two-pass (sequential=layer)": dict(allocation="uniform", pruner="alps", sequential="layer"),
+    # issue 12: where ALPS's gain comes from, on the whole model (see layer_error.py for the layer-level study)
+    "projection (auto) SparseGPT": dict(allocation="projection", pruner="sparsegpt"),  # the default before
+    "uniform SparseGPT + refit": dict(allocation="uniform", pruner="sparsegpt_refit"),
+    "uniform ALPS-warm": dict(allocation="uniform", pruner="alps_warm"),
+    "layer (OWL λ=0.08 M=5) ALPS-warm": dict(allocation="layer", pruner="alps_warm"),
+    "sensitivity (Hutchinson, α=0.1) ALPS-warm": dict(allocation="sensitivity_hutchinson", pruner="alps_warm"),
+    "projection (λ=-0.03 M=5) ALPS-warm": dict(
+        allocation="projection", pruner="alps_warm", lamda=-0.03, outlier_threshold=5
+    ),
+    "projection (auto) ALPS-warm": dict(allocation="projection", pruner="alps_warm"),
+    "default": dict(),  # whatever PrunedConfig() does today
 }
 REFERENCE = ("projection (auto)", "layer (OWL λ=0.08 M=5)")  # rows of allocation_table.json shown alongside
 

@@ -43,7 +43,7 @@ def build(path: Path, layers: int) -> float:
             num_key_value_heads=4,
             tie_word_embeddings=True,
         )
-        with atomic_directory(path) as staging:
+        with atomic_directory(path, overwrite=True) as staging:
             LlamaForCausalLM(config).save_pretrained(staging, max_shard_size="1GB")
     return sum(f.stat().st_size for f in path.glob("*.safetensors")) / GIB
 

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-_COMMON = dict(allocation="uniform", pruner="sparsegpt")  # isolates the structured part; no λ search
+_COMMON = dict(allocation="uniform", pruner="sparsegpt", structured_units=["mlp"])  # no λ search; old and new alike
 VARIANTS = {
     "unstructured-only": dict(sparsity=0.5, structured_sparsity=0.0, **_COMMON),
     "composite β=0.1": dict(sparsity=0.5, structured_sparsity=0.1, **_COMMON),

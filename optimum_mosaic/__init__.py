@@ -1,27 +1,44 @@
-"""optimum-mosaic: composite projection pruning (Mosaic) for Hugging Face causal language models."""
+"""optimum-mosaic: composite projection pruning (Mosaic) for Hugging Face causal language models.
+
+Importing the package is cheap (no torch, no transformers models): every public name is loaded on first use.
+The Mosaic config/model classes (``optimum_mosaic.models``) are registered with transformers' Auto classes as
+soon as transformers' ``modeling_auto`` is imported (``_autoregister.py``), so that
+``AutoModelForCausalLM.from_pretrained`` reads heterogeneous checkpoints after ``import optimum_mosaic``.
+"""
 
 __version__ = "0.1.0"
 
-from .quantization import silence_bnb_cpu_notices  # noqa: E402
+from .notices import silence_bnb_cpu_notices  # noqa: E402
 
-silence_bnb_cpu_notices()  # before transformers.trainer_utils imports bitsandbytes (see quantization.py)
+silence_bnb_cpu_notices()  # before transformers.trainer_utils imports bitsandbytes
 
-from .callbacks import GradualPruningCallback, SparsityPreservingCallback  # noqa: E402
-from .configuration import PrunedConfig  # noqa: E402
-from .evaluation import perplexity  # noqa: E402
-from .modeling import PrunedModelForCausalLM  # noqa: E402
-from .plan import SparsityPlan  # noqa: E402
-from .pruner import Pruner  # noqa: E402
-from .sparse.kv_cache import SparseKVCache  # noqa: E402
+from . import _autoregister  # noqa: E402
 
-__all__ = [
-    "Pruner",
-    "PrunedConfig",
-    "PrunedModelForCausalLM",
-    "SparsityPlan",
-    "SparsityPreservingCallback",
-    "GradualPruningCallback",
-    "SparseKVCache",
-    "perplexity",
-    "__version__",
-]
+_autoregister.install()
+
+_EXPORTS = {
+    "Pruner": ".pruner",
+    "PrunedConfig": ".configuration",
+    "PrunedModelForCausalLM": ".modeling",
+    "SparsityPlan": ".plan",
+    "SparsityPreservingCallback": ".callbacks",
+    "GradualPruningCallback": ".callbacks",
+    "SparseKVCache": ".sparse.kv_cache",
+    "perplexity": ".evaluation",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

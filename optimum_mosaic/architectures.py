@@ -9,11 +9,13 @@ weight (Phi-3's ``qkv_proj``, ``gate_up_proj``), stacked in the order the keys a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from .exceptions import UnsupportedArchitectureError
+
+if TYPE_CHECKING:  # annotations only: importing this table (and the CLI that reads it) does not load torch
+    import torch
+    from torch import nn
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 UNITS = ("mlp", "attention")

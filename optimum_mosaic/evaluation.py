@@ -69,10 +69,17 @@ def perplexity(
     progress: bool = True,
 ) -> float:
     """Perplexity of ``model`` on ``text`` (default: the bundled evaluation novel, *Persuasion*)."""
+    windows = evaluation_windows(tokenizer, text, seqlen, max_windows)
+    return math.exp(mean_nll(model, windows, batch_size, progress))
+
+
+def evaluation_windows(tokenizer, text=None, seqlen: int = 2048, max_windows: int | None = None) -> torch.Tensor:
+    """The ``[n, seqlen]`` windows ``perplexity`` evaluates: the first ``max_windows`` of the text (fewer when the
+    text holds fewer; ``n`` is what a report must state)."""
     text = load_default_corpus("evaluation") if text is None else text
     windows = split_windows(tokenize(tokenizer, text), seqlen, bos_id(tokenizer))
     if max_windows is not None:
         windows = windows[:max_windows]
     if windows.shape[0] == 0:
         raise ValueError(f"the text is shorter than one window of {seqlen} tokens")
-    return math.exp(mean_nll(model, windows, batch_size, progress))
+    return windows

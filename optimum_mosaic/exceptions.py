@@ -15,3 +15,12 @@ class CalibrationError(MosaicError, ValueError):
 
 class CheckpointMismatchError(MosaicError, ValueError):
     """A saved checkpoint disagrees with its ``mosaic_config.json`` sidecar, or is incomplete."""
+
+
+class OutputDirectoryError(MosaicError, ValueError):
+    """A save cannot go where it was asked to (it would delete files, or cannot be written); raised before any work."""
+
+
+class SparsityLostError(MosaicError, ValueError):
+    """The weights hold fewer zeros than the prune left (e.g. fine-tuned without the masks): a card would claim
+    sparsity they no longer have."""

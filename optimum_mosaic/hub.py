@@ -14,7 +14,6 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 
 from .model_card import (  # noqa: F401  (re-exported: the card API is part of the Hub API)
     MARK_END,
@@ -63,12 +62,39 @@ def _checkpoint(model_or_dir, tokenizer):
         raise ValueError("push the unquantized pruned model; bitsandbytes quantization is applied at load time")
     from .serialization import save_pruned
 
-    config, report = model_record(model)
+    model_record(model)  # a clear error for a model without a pruning record
     with tempfile.TemporaryDirectory(prefix="mosaic-push-") as tmp:
         target = Path(tmp) / "checkpoint"
-        save_pruned(model, tokenizer, target, config, SimpleNamespace(to_dict=lambda: report))
+        save_pruned(model, tokenizer, target)  # measures the sparsity from the weights it writes
         _copy_companions(getattr(model, "name_or_path", None), target)
         yield target, getattr(model, "name_or_path", None)
+
+
+def check_pushable(directory: Path, force: bool = False) -> None:
+    """The card is made from the sidecar: refuse a push whose sidecar disagrees with the weights being pushed,
+    or (unless ``force``) whose weights hold fewer zeros than the prune left."""
+    from .configuration import SIDECAR_NAME, read_sidecar
+    from .exceptions import CheckpointMismatchError, SparsityLostError
+    from .quantization import checkpoint_tensor_reader
+
+    sidecar = read_sidecar(directory)
+    read = checkpoint_tensor_reader(directory)
+    for name, recorded in sidecar["zeros"].items():
+        found = int((read(f"{name}.weight") == 0).sum())
+        if found != recorded:
+            raise CheckpointMismatchError(
+                f"{name}: the weights in {directory} hold {found} zeros but {directory / SIDECAR_NAME} records "
+                f"{recorded}; the card would state the wrong numbers. Re-save the model (model.save_pretrained) first."
+            )
+    report = sidecar["report"]
+    after_prune, now = report.get("sparsity_after_prune"), report["achieved_sparsity"]
+    if after_prune is not None and now < after_prune - 1e-6 and not force:
+        raise SparsityLostError(
+            f"the weights hold sparsity {now:.4f} but the prune left {after_prune:.4f}: zeros were lost after "
+            "pruning (fine-tuning without SparsityPreservingCallback, or peft's plain merge_and_unload instead of "
+            "optimum_mosaic.adapters.merge_and_remask). Re-apply the masks, or push with force=True (--force) to "
+            "publish the measured sparsity with a warning in the card."
+        )
 
 
 def _remote_card(api, repo_id: str, revision: str | None) -> str | None:
@@ -116,17 +142,23 @@ def push_to_hub(
     tokenizer=None,
     tags: list[str] | None = None,
     endpoint: str | None = None,
+    force: bool = False,
 ) -> str:
     """Upload a pruned checkpoint directory, or a pruned model (saved first, with ``tokenizer`` if given),
     to ``repo_id`` with its card, in one commit. Returns the commit URL.
 
     ``token``: default the ``HF_TOKEN`` environment variable or the cached login, as huggingface_hub does;
     it is sent to the Hub only and never written to a file. ``revision``: a branch, created if missing.
+    The card's numbers are those of the weights pushed: a directory whose weights disagree with its sidecar is
+    refused, and so is (unless ``force=True``) a model holding fewer zeros than its prune left (fine-tuned
+    without ``SparsityPreservingCallback``, merged with peft's plain ``merge_and_unload``); with ``force`` the
+    card states the measured sparsity and says that zeros were lost.
     """
     from huggingface_hub import HfApi
 
     api = HfApi(endpoint=endpoint, token=token)
     with _checkpoint(model_or_dir, tokenizer) as (directory, name_or_path):
+        check_pushable(directory, force)
         facts = facts_from_dir(directory)
         facts.name_or_path = name_or_path or facts.name_or_path
         api.create_repo(repo_id, exist_ok=True, private=private)
@@ -144,10 +176,11 @@ def push_to_hub(
 
 
 def attach_hub_methods(model):
-    """Bind ``model.push_to_hub(repo_id, **options)`` to :func:`push_to_hub` (weights + sidecar + card)
-    instead of transformers' plain push, and ``save_pretrained(..., compressed=True)`` (``serialization``).
-    Returns the model."""
-    model.push_to_hub = functools.partial(push_to_hub, model)
-    from .serialization import bind_save_pretrained
+    """Bind ``model.push_to_hub(repo_id, **options)`` to :func:`push_to_hub` (weights + sidecar + card) and
+    ``model.save_pretrained(dir, **options)`` to ``serialization.save_pretrained`` (weights + sidecar, atomically)
+    instead of transformers' plain ones. Returns the model."""
+    from .serialization import save_pretrained
 
-    return bind_save_pretrained(model)
+    model.push_to_hub = functools.partial(push_to_hub, model)
+    model.save_pretrained = functools.partial(save_pretrained, model)
+    return model

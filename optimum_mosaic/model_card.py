@@ -9,7 +9,6 @@ gives the same card.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -96,18 +95,11 @@ def facts_from_dir(path: Path) -> _Facts:
 
 
 def model_record(model) -> tuple:
-    """``(PrunedConfig, report dict)`` of a pruned model, from ``mosaic_report`` or ``mosaic_sidecar``."""
-    config, report, sidecar = (getattr(model, a, None) for a in ("mosaic_config", "mosaic_report", "mosaic_sidecar"))
-    if report is not None:
-        report = report.to_dict()
-    elif sidecar is not None:
-        report = copy.deepcopy(sidecar["report"])
-    if config is None or report is None:
-        raise ValueError(
-            "this model carries no Mosaic pruning record (mosaic_config/mosaic_report): prune it with "
-            "Pruner.prune or load it with PrunedModelForCausalLM.from_pretrained"
-        )
-    return config, report
+    """``(PrunedConfig, report dict)`` of a pruned model, its sparsity counted from its weights now."""
+    from .report import measured_report, record_of
+
+    config, report = record_of(model)
+    return config, measured_report(model, config, report).to_dict()
 
 
 def _model_sidecar(model) -> dict:
@@ -168,6 +160,7 @@ def _hyperparameters(config: dict, report: dict) -> list[list[str]]:
             f"of the prunable weights as whole units ({units})"
         )
     rows = [
+        ["pruned model", _source(report.get("source") or {})],
         ["allocation", f"`{config['allocation']}`: {_ALLOCATIONS.get(config['allocation'], '')}"],
         ["pruner", f"`{config['pruner']}`: {_PRUNERS.get(config['pruner'], '')}"],
         ["target sparsity S", _pct(config["sparsity"])],
@@ -184,6 +177,13 @@ def _hyperparameters(config: dict, report: dict) -> list[list[str]]:
     if config["pruner"] == "sparsegpt":
         rows.append(["SparseGPT", f"dampening {config['dampening']:g}, block size {config['block_size']}"])
     return rows
+
+
+def _source(source: dict) -> str:
+    if not source:
+        return "unrecorded"
+    text = str(source.get("description") or source.get("model"))
+    return f"{text} (licence: {source['licence']})" if source.get("licence") else text
 
 
 def _calibration(report: dict) -> str:
@@ -251,11 +251,19 @@ def _template_fields(facts: _Facts, base_model: str | None, repo_id: str | None)
     if removed:
         size.append(["removed by structured pruning", f"≈ {removed:,} parameters"])
     structure = f"; {_pct(report.get('structured_sparsity'))} of them removed as whole units" if removed else ""
+    dense = sum(math.prod(shape) for shape in (report.get("dense_shapes") or sidecar.get("shapes", {})).values())
     summary = (
-        f"**{_pct(report['achieved_sparsity'])}** of the weights of the pruned projections are exact zeros "
-        f"(target {_pct(config['sparsity'])}{structure}): `{config['allocation']}` allocation, `{config['pruner']}` "
-        "pruner. Embeddings, norms and `lm_head` stay dense."
+        f"**{_pct(report['achieved_sparsity'])}** sparsity, counted from the saved weights: exact zeros among the "
+        f"{dense:,} weights of the pruned decoder projections of the dense model, weights removed by structured "
+        f"pruning counting as zeros (target {_pct(config['sparsity'])}{structure}). `{config['allocation']}` "
+        f"allocation, `{config['pruner']}` pruner. Embeddings, norms and `lm_head` stay dense."
     )
+    lost = report.get("sparsity_after_prune")
+    if lost is not None and report["achieved_sparsity"] < lost - 1e-6:
+        summary += (
+            f"\n\n**Warning:** the prune left {_pct(lost)}; these weights hold only {_pct(report['achieved_sparsity'])}"
+            " (zeros were lost after pruning, e.g. by fine-tuning without the masks)."
+        )
     name = (repo_id or "").split("/")[-1] or facts.name or "Mosaic-pruned model"
     return {
         "model_name": name,
@@ -306,6 +314,7 @@ def _extend(existing: str, fresh, base_model: str | None, explicit_base: bool):
     data.tags = _merge_tags(data.tags, fresh.data.tags)
     data.library_name = data.library_name or fresh.data.library_name
     data.pipeline_tag = data.pipeline_tag or fresh.data.pipeline_tag
+    data.license = data.license or fresh.data.license
     if base_model and (explicit_base or not data.base_model):
         data.base_model = base_model
     section, text = _section(fresh.text), card.text
@@ -323,7 +332,9 @@ def render(facts: _Facts, base_model, existing, repo_id, tags):
     explicit = base_model is not None
     if base_model is None and looks_like_repo_id(facts.name_or_path):
         base_model = facts.name_or_path
+    licence = (facts.sidecar["report"].get("source") or {}).get("licence")
     data = ModelCardData(
+        license=licence,
         base_model=base_model,
         library_name="transformers",
         pipeline_tag="text-generation",

@@ -40,8 +40,9 @@ class PrunedModelForCausalLM:
         compressed = sidecar["format_version"] == COMPRESSED_FORMAT_VERSION
         _check_sparse_options(path, compressed, sparse_kernel, quantization_config, kwargs)
         if quantization_config is not None:
-            from .quantization import describe, prepare_quantization_config
+            from .quantization import normalise_quantization_config, prepare_quantization_config
 
+            quantization_config = normalise_quantization_config(quantization_config)
             kwargs["quantization_config"] = prepare_quantization_config(quantization_config)
         model = _load_model(path, kwargs)
         if compressed:
@@ -50,7 +51,7 @@ class PrunedModelForCausalLM:
             materialize(model, Path(path), sparse_kernel)
         shapes, zeros = linear_summary(model)
         _check_shapes(Path(path), sidecar["shapes"], shapes)
-        if quantization_config is not None and describe(quantization_config).startswith("bnb"):
+        if quantization_config is not None:  # always bitsandbytes 8-bit or 4-bit (normalised above)
             from .quantization import guard_cpu_4bit_packing, quantization_report
 
             guard_cpu_4bit_packing(model)
@@ -61,7 +62,7 @@ class PrunedModelForCausalLM:
                     f"{path / SIDECAR_NAME} records {sum(sidecar['zeros'].values())}: the safetensors file was "
                     "modified or belongs to another prune."
                 )
-        elif check_sparsity and quantization_config is None:
+        elif check_sparsity:
             _check_zeros(Path(path), sidecar["zeros"], zeros)
         if sparse_kernel and not compressed:
             from .sparse import to_sparse_kernel

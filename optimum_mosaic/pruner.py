@@ -3,49 +3,53 @@
 
 from __future__ import annotations
 
-import functools
-import re
 import time
 
 import torch
-from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from .allocation.outliers import OutlierProfile, wanda_scores
+from .allocation.outliers import OutlierProfile
 from .allocation.search import search_allocation, search_grid, search_thresholds
-from .allocation.sensitivity import hutchinson_traces, input_hessian_proxy
-from .architectures import check_structured, decoder_layers, get_arch_spec, layer_projections
+from .allocation.sensitivity import hutchinson_traces
+from .architectures import check_structured, decoder_layers, get_arch_spec
 from .calibration.data import sample_windows
 from .calibration.distributed import barrier, shard_windows, world
 from .calibration.layerwise import (
     Activations,
     capture,
-    collect_statistics,
-    forward_layer,
-    forward_pruning,
     on_device,
 )
 from .configuration import AUTO, PrunedConfig
 from .evaluation import mean_nll
+from .layer_walk import LayerWalk
 from .models import fit_config_to_shapes
 from .registry import get_method
-from .report import PruningReport, Targets, achieved, count_zeros, prunable_numel
-from .structured import model_shapes, plan_cuts, remove_units, unit_options
-from .structured.composite import remainder_plan, remove_empty_units, restrict_statistics
+from .report import PruningReport, Targets, achieved, count_zeros, prunable_numel, select_targets
+from .serialization import linear_summary
+from .structured import model_shapes, plan_cuts
+from .structured.composite import remainder_plan, remove_empty_units
 
 logger = logging.get_logger(__name__)
 
 
-class Pruner:
+class Pruner(LayerWalk):
     """Prunes a causal LM in place. ``Pruner(model, tokenizer)`` or ``Pruner.from_pretrained(path)``."""
 
-    def __init__(self, model, tokenizer=None, device: str | torch.device | None = None, store=None):
+    def __init__(self, model, tokenizer=None, device: str | torch.device | None = None, store=None, source=None):
+        from .validation import check_device
+
         self.spec = get_arch_spec(model)
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.device = check_device(device) if device is not None else next(model.parameters()).device
         self.report: PruningReport | None = None
         self.store = store  # offload.LayerStore when the decoder layers stay on disk
+        if source is None:  # the model that was pruned, recorded in the report, sidecar and card
+            from .packaged_models import source_record
+
+            name = str(getattr(model, "name_or_path", "") or "an in-memory model")
+            source = source_record(name, name)
+        self.source = source
 
     @classmethod
     def from_pretrained(
@@ -57,22 +61,25 @@ class Pruner:
         checkpoints larger than memory; ``prune`` then needs a ``save_directory``."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from .packaged_models import DEFAULT_MODEL, clear_gguf_quantizer, resolve_model_path
+        from .packaged_models import DEFAULT_MODEL, clear_gguf_quantizer, resolve_model_path, source_record
+        from .validation import check_device, check_model_path
 
-        path = resolve_model_path(model_id_or_path or DEFAULT_MODEL)
+        name = model_id_or_path or DEFAULT_MODEL
+        device = check_device(device) if device is not None else None  # before any weight is read
+        path = resolve_model_path(check_model_path(name))
         if offload:
             from .offload import LayerStore, load_skeleton
 
             dtype = load_kwargs.get("dtype", torch.float32)
             model = load_skeleton(path, dtype)
-            return cls(model, _tokenizer(path), device, LayerStore(model, path, dtype))
+            return cls(model, _tokenizer(path), device, LayerStore(model, path, dtype), source_record(name, path))
         gguf = {"gguf_file": load_kwargs["gguf_file"]} if "gguf_file" in load_kwargs else {}
         get_arch_spec(AutoConfig.from_pretrained(path, **gguf))  # fail before loading any weights
         load_kwargs.setdefault("dtype", torch.float32)
         model = AutoModelForCausalLM.from_pretrained(path, **load_kwargs)
         if gguf:
             clear_gguf_quantizer(model)
-        return cls(model, _tokenizer(path, **gguf), device)
+        return cls(model, _tokenizer(path, **gguf), device, source=source_record(name, path))
 
     # -- the pipeline --------------------------------------------------------------------------
     def prune(
@@ -81,18 +88,34 @@ class Pruner:
         calibration_dataset=None,
         save_directory=None,
         batch_size: int = 8,
+        *,
+        overwrite: bool = False,
+        restore_on_error: bool = True,
         compressed: bool = False,
     ):
         """Prune the model in place as ``config`` says; return it (``model.mosaic_report`` holds the report).
-        ``compressed``: save the projections in the bitmap format (see ``save_pruned``)."""
+
+        Everything that can be checked before work is (config, batch size, sequence length against the model's
+        positions, calibration data, ``save_directory``). ``overwrite``: replace a non-empty ``save_directory``
+        that is not an optimum-mosaic checkpoint. If the prune fails, the model is restored as it was
+        (``restore_on_error=False`` skips the host-memory copy this takes, and leaves a failed model modified).
+        ``compressed``: save the projections in the bitmap format (see ``save_pruned``).
+        """
+        from .rollback import restore_on_error as rollback
+        from .validation import check_prune_inputs
+
         config = config or PrunedConfig()
+        calibration_dataset = check_prune_inputs(
+            self, config, calibration_dataset, save_directory, batch_size, overwrite
+        )
         if self.store is not None:
             if compressed:
                 raise ValueError("an offloaded prune writes dense layer shards; drop compressed=True")
             from .offload import prune_offloaded
 
-            return prune_offloaded(self, config, calibration_dataset, save_directory, batch_size)
-        self._run(config, calibration_dataset, batch_size)
+            return prune_offloaded(self, config, calibration_dataset, save_directory, batch_size, overwrite)
+        with rollback(self.model, restore_on_error):
+            self._run(config, calibration_dataset, batch_size)
         from .hub import attach_hub_methods
 
         attach_hub_methods(self.model)
@@ -100,7 +123,15 @@ class Pruner:
             from .serialization import save_pruned
 
             if world()[0] == 0:  # every process holds the same model: one writes it
-                save_pruned(self.model, self.tokenizer, save_directory, config, self.report, compressed=compressed)
+                save_pruned(
+                    self.model,
+                    self.tokenizer,
+                    save_directory,
+                    config,
+                    self.report,
+                    overwrite=overwrite,
+                    compressed=compressed,
+                )
             barrier()
         return self.model
 
@@ -108,6 +139,7 @@ class Pruner:
         """calibrate → allocate → shrink structure → prune each layer → report (in ``self.report``)."""
         clock = {"start": time.perf_counter()}
         targets = self._targets(config)
+        self._dense_shapes = linear_summary(self.model, count=False)[0]
         allocator = get_method("allocation", config.allocation)
         kernel = get_method("unstructured", config.pruner)
         dense_numel = prunable_numel(targets)
@@ -158,21 +190,11 @@ class Pruner:
     def _targets(self, config: PrunedConfig) -> Targets:
         if config.structured_sparsity > 0:  # fail before calibrating
             check_structured(self.spec, config.structured_units, self.model.config.model_type)
-        layers = decoder_layers(self.model, self.spec)
-        prefix = self.spec.layers
-        ignore = [re.compile(p) for p in config.ignore]
-        targets = {}
-        for idx, layer in enumerate(layers):
-            projs = layer_projections(layer, self.spec, config.targets)
-            keep = {
-                p: lin
-                for p, lin in projs.items()
-                if not any(r.search(f"{prefix}.{idx}.{self.spec.projections[p]}") for r in ignore)
-            }
-            if keep:
-                targets[idx] = keep
+        targets = select_targets(self.model, self.spec, config.targets, config.ignore)
         if not targets:
-            raise ValueError("targets/ignore leave no linear layer to prune")
+            raise ValueError(
+                f"targets/ignore: targets={config.targets} ignore={config.ignore} leave no linear layer to prune"
+            )
         return targets
 
     def _calibrate(self, config, data, batch_size) -> tuple[Activations, torch.Tensor | None]:
@@ -200,45 +222,6 @@ class Pruner:
         self.model.to(self.device)  # the double backward needs the whole model on one device
         return hutchinson_traces(self.model, windows, weights, samples=1, seed=config.seed)
 
-    def _owners(self, idx: int, targets: Targets) -> dict[str, str]:
-        """Projection → the projection whose input hook serves it (q, k, v share one input, so do gate and up)."""
-        owners = {}
-        for group in self.spec.input_groups:
-            present = [p for p in group if p in targets[idx]]
-            owners.update({p: present[0] for p in present})
-        return owners
-
-    def _layer_statistics(self, layer, acts, idx, targets, hessian) -> tuple[dict, torch.Tensor]:
-        owners = self._owners(idx, targets)
-        hooked = {o: targets[idx][o] for o in set(owners.values())}
-        stats, out = collect_statistics(layer, acts, idx, hooked, hessian)
-        return {p: stats[o] for p, o in owners.items()}, out
-
-    def _outlier_pass(self, acts: Activations, targets: Targets, profile: OutlierProfile, thresholds, config):
-        """Dense walk: Wanda scores of every projection → outlier ratios (profile updated in place). With
-        structured removal, also what each layer could give up: ``{(layer, kind): [Option]}``."""
-        units = config.structured_units if config.structured_sparsity > 0 else ()
-        options = {}
-        layers = decoder_layers(self.model, self.spec)
-        for idx in tqdm(range(len(layers)), desc="Outlier profile"):
-            with self._resident(idx) as layer:
-                if idx in targets:
-                    whole = units and len(targets[idx]) == len(self.spec.keys)  # units need every projection
-                    hessian = ("o", "down") if whole else False
-                    stats, out = self._layer_statistics(layer, acts, idx, targets, hessian)
-                    scores = {p: wanda_scores(lin.weight, stats[p].sumsq) for p, lin in targets[idx].items()}
-                    profile.add_layer(idx, scores, thresholds)
-                    for p, s in stats.items():  # sensitivity proxy, unless a Hutchinson estimate is there
-                        profile.sensitivity.setdefault((idx, p), input_hessian_proxy(s.sumsq, s.tokens))
-                    if whole:
-                        scale = float(acts.hidden.double().square().sum())
-                        found = unit_options(layer, self.spec, stats, units, config.dampening, scale)
-                        options.update({(idx, kind): opts for kind, opts in found.items()})
-                else:
-                    out = forward_layer(layer, acts, idx)
-            acts.hidden = out
-        return options
-
     def _allocate(self, config, allocator, kernel, profile, targets, acts, heldout, batch_size):
         self._searched = None
         if not allocator.needs:
@@ -264,8 +247,8 @@ class Pruner:
         dense = {k: lin.weight.detach().clone() for k, lin in _flat(targets).items()}
         best = {"loss": float("inf")}
 
-        def score(plan) -> float:
-            self._prune_layers(acts.clone(), targets, plan, kernel, config)
+        def score(plan, label: str = "") -> float:
+            self._prune_layers(acts.clone(), targets, plan, kernel, config, label=label)
             loss = mean_nll(self.model, heldout, batch_size)
             if loss < best["loss"]:
                 best.update(loss=loss, weights={k: lin.weight.detach().clone() for k, lin in _flat(targets).items()})
@@ -279,79 +262,6 @@ class Pruner:
     def _restore(targets: Targets, weights: dict) -> None:
         for key, lin in _flat(targets).items():
             lin.weight.data.copy_(weights[key])
-
-    @torch.no_grad()
-    def _prune_layers(self, acts, targets: Targets, plan, kernel, config: PrunedConfig, cuts=None) -> None:
-        """Sequential pass: statistics from already-pruned inputs, remove units (``cuts``), prune, propagate."""
-        cuts = cuts or {}
-        self._dampening = {}
-        last = max(targets)
-        if not cuts and all(s == 0 for s in plan.values()):
-            return  # nothing to remove
-        prune = functools.partial(self._prune_one, targets, plan, kernel, config)
-        walk = bool(kernel.needs or cuts)  # the layers must see the outputs of the pruned layers before them
-        for idx in tqdm(range(last + 1), desc=f"Pruning ({config.pruner})"):
-            with self._resident(idx, write=self.store is not None) as layer:
-                propagate = walk and idx < last
-                self._walk_layer(layer, acts, idx, targets, kernel, config, cuts.get(idx), prune, propagate)
-                if self.store is not None and idx in targets:
-                    self.store.counts.update(count_zeros({idx: targets[idx]}))
-
-    def _prune_one(self, targets: Targets, plan, kernel, config: PrunedConfig, idx: int, proj: str, stats) -> None:
-        lin, sparsity = targets[idx][proj], plan[(idx, proj)]
-        if sparsity == 0:
-            return
-        info = {}
-        options = dict(nm=config.nm, dampening=config.dampening, block_size=config.block_size, saliency=config.saliency)
-        lin.weight.data.copy_(kernel.fn(lin.weight.data, stats, sparsity, info=info, **options))
-        if info.get("dampening", config.dampening) != config.dampening:
-            self._dampening[f"{idx}.{proj}"] = info["dampening"]
-
-    def _walk_layer(self, layer, acts, idx, targets: Targets, kernel, config, cut, prune, propagate: bool) -> None:
-        """Layer ``idx``: remove units (``cut``), prune its projections, and (``propagate``) compute its outputs
-        for the next layer from the pruned layer."""
-        hessian = "hessian" in kernel.needs
-        stats = self._remove_units(layer, acts, idx, targets, cut, config, hessian) if cut else None
-        if idx not in targets or not kernel.needs:
-            for proj in targets.get(idx, {}):
-                prune(idx, proj, None)
-            if propagate:
-                acts.hidden = forward_layer(layer, acts, idx)
-        elif config.sequential == "projection":
-            acts.hidden = self._forward_pruning(layer, acts, idx, targets, hessian, prune)
-        else:
-            if stats is None:
-                stats, _ = self._layer_statistics(layer, acts, idx, targets, hessian)
-            for proj, s in stats.items():
-                prune(idx, proj, s)
-            if propagate:
-                acts.hidden = forward_layer(layer, acts, idx)
-
-    def _remove_units(self, layer, acts, idx, targets: Targets, cut, config, hessian: bool) -> dict | None:
-        """Structured step of layer ``idx``: statistics of the layer as it is, remove units with compensation,
-        refresh ``targets[idx]``. With ``sequential="layer"`` the statistics serve the unstructured step too
-        (restricted to the kept inputs of ``o`` and ``down``); otherwise the pruning forward collects its own."""
-        reuse = config.sequential == "layer"
-        stats, _ = self._layer_statistics(layer, acts, idx, targets, True if reuse and hessian else ("o", "down"))
-        keep = remove_units(layer, self.spec, stats, cut, config.dampening)
-        targets[idx] = layer_projections(layer, self.spec, list(targets[idx]))
-        if not reuse:
-            return None
-        stats["o"] = restrict_statistics(stats["o"], keep["heads"], layer.get_submodule(self.spec.attention).head_dim)
-        stats["down"] = restrict_statistics(stats["down"], keep["channels"])
-        return stats
-
-    def _forward_pruning(self, layer, acts, idx, targets: Targets, hessian: bool, prune) -> torch.Tensor:
-        """One forward of the layer; each input group is pruned as its input arrives (q, k, v share one)."""
-        owners = self._owners(idx, targets)
-        members = {o: [p for p, owner in owners.items() if owner == o] for o in set(owners.values())}
-
-        def prune_group(owner: str, stats) -> None:
-            for proj in members[owner]:
-                prune(idx, proj, stats)
-
-        hooked = {o: targets[idx][o] for o in members}
-        return forward_pruning(layer, acts, idx, hooked, hessian, prune_group)
 
     def _build_report(self, config, targets, dense_numel, plan, lamda, threshold, table, acts, clock) -> PruningReport:
         counts = self.store.counts if self.store is not None else count_zeros(targets, dense_numel)
@@ -388,6 +298,9 @@ class Pruner:
             notes=notes,
             structured_sparsity=round(removed / dense_total, 6),
             layer_shapes=getattr(self.model.config, "layer_shapes", None),
+            dense_shapes=self._dense_shapes,
+            sparsity_after_prune=round(glob, 6),
+            source=dict(self.source),
         )
 
 

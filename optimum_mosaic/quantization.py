@@ -15,28 +15,12 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-_NOISE = ("Failed to load CPU gemm_4bit_forward", "MatMul8bitLt: inputs will be cast")
-
-
-class _DropBnbNoise(logging.Filter):
-    """bitsandbytes logs, on CPU, that an optional Hub kernel is missing (a slower built-in path is used)
-    and, on every 8-bit forward, that fp32 inputs are cast to fp16. Both are expected; drop only those."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(_NOISE)
-
-
-def silence_bnb_cpu_notices() -> None:
-    for name in ("bitsandbytes.backends.cpu.ops", "bitsandbytes.autograd._functions"):
-        log = logging.getLogger(name)
-        if not any(isinstance(f, _DropBnbNoise) for f in log.filters):
-            log.addFilter(_DropBnbNoise())
+from .notices import silence_bnb_cpu_notices  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -76,6 +60,40 @@ def describe(quantization_config) -> str:
     if getattr(quantization_config, "load_in_8bit", False):
         return "bnb-8bit"
     return str(getattr(quantization_config, "quant_method", type(quantization_config).__name__))
+
+
+def normalise_quantization_config(quantization_config):
+    """A ``BitsAndBytesConfig`` that enables 8-bit or 4-bit, from any form transformers accepts (the object or its
+    dict form); anything else is a ``ValueError`` saying what is accepted. Other quantization methods are refused:
+    optimum-mosaic can check the pruned zeros through bitsandbytes only."""
+    import inspect
+
+    from transformers import BitsAndBytesConfig
+    from transformers.utils.quantization_config import QuantizationConfigMixin
+
+    accepted = "a transformers.BitsAndBytesConfig(load_in_8bit=True or load_in_4bit=True), or its dict form"
+    if isinstance(quantization_config, dict):
+        method = str(quantization_config.get("quant_method", "bitsandbytes"))
+        if method != "bitsandbytes":
+            raise ValueError(f"quantization_config: quant_method {method!r} is not supported; pass {accepted}")
+        known = set(inspect.signature(BitsAndBytesConfig.__init__).parameters) - {"self", "kwargs"}
+        unknown = sorted(set(quantization_config) - known - {"quant_method"})
+        if unknown:
+            raise ValueError(f"quantization_config: unknown BitsAndBytesConfig keys {unknown}; known: {sorted(known)}")
+        quantization_config = BitsAndBytesConfig(**{k: v for k, v in quantization_config.items() if k in known})
+    elif not isinstance(quantization_config, QuantizationConfigMixin):
+        raise ValueError(f"quantization_config: expected {accepted}, got {type(quantization_config).__name__}")
+    elif not isinstance(quantization_config, BitsAndBytesConfig):
+        raise ValueError(
+            f"quantization_config: {type(quantization_config).__name__} is not supported (optimum-mosaic checks the "
+            f"pruned zeros through bitsandbytes only); pass {accepted}, or load with AutoModelForCausalLM directly"
+        )
+    if not (quantization_config.load_in_4bit or quantization_config.load_in_8bit):
+        raise ValueError(
+            "quantization_config: this BitsAndBytesConfig enables nothing; pass load_in_8bit=True or "
+            "load_in_4bit=True, or drop quantization_config for the full-precision model"
+        )
+    return quantization_config
 
 
 def prepare_quantization_config(quantization_config):

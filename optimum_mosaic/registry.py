@@ -9,6 +9,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 KINDS = ("unstructured", "allocation")
+# The names the package's own modules register, so that option checks and ``--help`` need not import torch and
+# every kernel; tests/test_startup.py checks that this list and the registry agree.
+BUILTIN_METHODS = {
+    "allocation": ("layer", "projection", "projection_official", "sensitivity", "sensitivity_hutchinson", "uniform"),
+    "unstructured": ("alps", "alps_warm", "apt", "magnitude", "sparsegpt", "sparsegpt_refit", "wanda"),
+}
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,14 @@ def get_method(kind: str, name: str) -> Method:
         return _REGISTRY[(kind, name)]
     except KeyError:
         raise ValueError(f"unknown {kind} method {name!r}; registered: {', '.join(list_methods(kind))}") from None
+
+
+def is_method(kind: str, name) -> bool:
+    """Whether ``name`` is a registered ``kind`` method (built-in names are known without loading the methods)."""
+    if name in BUILTIN_METHODS.get(kind, ()):
+        return True
+    _ensure_loaded()
+    return (kind, name) in _REGISTRY
 
 
 def list_methods(kind: str) -> list[str]:

@@ -1,12 +1,23 @@
-"""What a prune achieved: sparsity per projection, per layer, per projection type and globally."""
+"""What a prune achieved: sparsity per projection, per layer, per projection type and globally.
+
+One definition of sparsity everywhere (report, sidecar, card, CLI summary, Trainer callbacks): the fraction
+of exact zeros among the weights of the pruned projections *of the dense model*, weights removed by
+structured pruning counting as zeros (``DENOMINATOR`` says it in words). ``measured_report`` counts them
+again from the weights, which every save does, so a checkpoint states what its files hold.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import re
 from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
-Targets = dict[int, dict[str, nn.Linear]]
+Targets = dict[int, dict[str, "nn.Linear"]]
 
 
 @dataclass
@@ -27,6 +38,9 @@ class PruningReport:
     structured_sparsity: float = 0.0  # fraction of the prunable parameters removed as whole units
     layer_shapes: list[dict] | None = None
     evaluation: dict = field(default_factory=dict)  # perplexity before/after, when measured (CLI, benchmarks)
+    dense_shapes: dict[str, list[int]] = field(default_factory=dict)  # module name → [out, in] before pruning
+    sparsity_after_prune: float | None = None  # achieved_sparsity when the prune ended (a save re-measures)
+    source: dict = field(default_factory=dict)  # the model that was pruned: name, description, licence
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -36,6 +50,100 @@ class PruningReport:
         """Inverse of ``to_dict``; keys this version does not know (from a newer writer) are ignored."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+DENOMINATOR = (
+    "exact zeros among the weights of the pruned decoder projections of the dense model "
+    "(weights removed by structured pruning count as zeros; embeddings, norms and lm_head excluded)"
+)
+
+
+def select_targets(model, spec, keys, ignore) -> Targets:
+    """``{layer: {projection: Linear}}`` that a prune with these ``targets``/``ignore`` options prunes."""
+    from .architectures import decoder_layers, layer_projections
+
+    patterns = [re.compile(p) for p in ignore]
+    targets = {}
+    for idx, layer in enumerate(decoder_layers(model, spec)):
+        keep = {
+            p: lin
+            for p, lin in layer_projections(layer, spec, keys).items()
+            if not any(r.search(f"{spec.layers}.{idx}.{spec.projections[p]}") for r in patterns)
+        }
+        if keep:
+            targets[idx] = keep
+    return targets
+
+
+def dense_numel_of(targets: Targets, spec, dense_shapes: dict) -> dict[tuple[int, str], int]:
+    """Each target's parameter count in the dense model (its current one if ``dense_shapes`` lacks it)."""
+    out = {}
+    for idx, projs in targets.items():
+        for proj, lin in projs.items():
+            path = spec.projections[proj]
+            shape = dense_shapes.get(f"{spec.layers}.{idx}.{path}")
+            out[(idx, proj)] = math.prod(shape) if shape and path not in spec.fused else lin.weight.numel()
+    return out
+
+
+def record_of(model, config=None, report=None):
+    """``(PrunedConfig, PruningReport)`` given, or carried by the model (``mosaic_config``/``mosaic_report``)."""
+    config = config if config is not None else getattr(model, "mosaic_config", None)
+    report = report if report is not None else getattr(model, "mosaic_report", None)
+    if report is None and getattr(model, "mosaic_sidecar", None) is not None:
+        report = model.mosaic_sidecar["report"]
+    if isinstance(report, dict):
+        report = PruningReport.from_dict(report)
+    if config is None or report is None:
+        raise ValueError(
+            "this model carries no Mosaic pruning record (mosaic_config/mosaic_report): prune it with "
+            "Pruner.prune or load it with PrunedModelForCausalLM.from_pretrained"
+        )
+    return config, report
+
+
+def measured_counts(model, config, dense_shapes: dict) -> dict:
+    """``{(layer, projection): (zeros incl. removed, dense numel)}`` counted from the weights now."""
+    spec = _spec(model)
+    targets = select_targets(model, spec, config.targets, config.ignore)
+    return count_zeros(targets, dense_numel_of(targets, spec, dense_shapes))
+
+
+def measured_sparsity(model) -> float | None:
+    """The global sparsity of a model carrying a pruning record, counted from its weights (``None`` without one)."""
+    try:
+        config, report = record_of(model)
+    except ValueError:
+        return None
+    return achieved(measured_counts(model, config, report.dense_shapes))[0]
+
+
+def measured_report(model, config, report: PruningReport) -> PruningReport:
+    """``report`` with its sparsity figures counted again from the model's weights."""
+    if not report.dense_shapes:  # written by an older version: nothing to measure against
+        return report
+    counts = measured_counts(model, config, report.dense_shapes)
+    glob, per_projection, per_layer, per_type = achieved(counts)
+    dense = sum(n for _, n in counts.values())
+    kept = sum(
+        lin.weight.numel()
+        for projs in select_targets(model, _spec(model), config.targets, config.ignore).values()
+        for lin in projs.values()
+    )
+    return dataclasses.replace(
+        report,
+        achieved_sparsity=round(glob, 6),
+        per_projection=per_projection,
+        per_layer=per_layer,
+        per_type=per_type,
+        structured_sparsity=round((dense - kept) / max(1, dense), 6),
+    )
+
+
+def _spec(model):
+    from .architectures import get_arch_spec
+
+    return get_arch_spec(model)
 
 
 def count_zeros(targets: Targets, dense_numel: dict | None = None) -> dict[tuple[int, str], tuple[int, int]]:

@@ -119,7 +119,7 @@ def test_phi3_structured_pruning_is_a_clear_error():
 
 
 def test_opt_attention_units_are_a_clear_error():
-    config = PrunedConfig(sparsity=0.5, structured_sparsity=0.2, **SMALL)
+    config = PrunedConfig(sparsity=0.5, structured_sparsity=0.2, structured_units=["mlp", "attention"], **SMALL)
     with pytest.raises(UnsupportedArchitectureError, match=r"\['attention'\].*structured_units=\['mlp'\]"):
         Pruner(tiny("opt")).prune(config, calibration_dataset=None)
 

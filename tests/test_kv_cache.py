@@ -242,7 +242,7 @@ def test_layers_with_different_kv_head_counts():
 
     model = tiny_llama(num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=3, hidden_size=96)
     small = dict(nsamples=8, seqlen=32, search_samples=4, block_size=32, allocation="layer", lamda=0.2)
-    config = PrunedConfig(sparsity=0.5, structured_sparsity=0.25, **small)  # as in test_composite.py
+    config = PrunedConfig(sparsity=0.5, structured_sparsity=0.25, structured_units=["attention"], **small)
     Pruner(model, char_tokenizer()).prune(config, calibration_dataset=token_windows(12, 32), batch_size=4)
     heads = [layer.self_attn.k_proj.out_features // 16 for layer in model.model.layers]
     assert len(set(heads)) > 1, heads

@@ -98,7 +98,7 @@ def test_a_failed_save_leaves_nothing_behind(tmp_path):
     target.mkdir()
     (target / "keep.txt").write_text("old")
     with pytest.raises(RuntimeError):
-        with atomic_directory(target) as staging:
+        with atomic_directory(target, overwrite=True) as staging:
             (staging / "half.bin").write_bytes(b"x")
             raise RuntimeError("crash mid-save")
     assert [p.name for p in tmp_path.iterdir()] == ["out"]

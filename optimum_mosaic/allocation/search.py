@@ -44,13 +44,14 @@ def search_allocation(
     profile,
     sparsity: float,
     candidates: Sequence[tuple[float, float]],
-    score: Callable[[SparsityPlan], float],
+    score: Callable[[SparsityPlan, str], float],
 ) -> tuple[float, float, list[dict]]:
-    """Return the best ``(λ, M)`` by ``score`` (lower is better) and the table of all candidates."""
+    """Return the best ``(λ, M)`` by ``score(plan, label)`` (lower is better; ``label`` names the candidate, for
+    progress bars) and the table of all candidates."""
     table = []
-    for lamda, threshold in candidates:
+    for i, (lamda, threshold) in enumerate(candidates, 1):
         plan = allocate(profile, sparsity, lamda=lamda, outlier_threshold=threshold)
-        loss = score(plan)
+        loss = score(plan, f"λ={lamda:+g} M={threshold:g}, candidate {i}/{len(candidates)}")
         table.append({"lamda": lamda, "outlier_threshold": threshold, "loss": round(loss, 6)})
         logger.info("λ=%.3f M=%.1f → held-out loss %.4f", lamda, threshold, loss)
     best = min(table, key=lambda row: row["loss"])

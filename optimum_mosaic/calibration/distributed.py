@@ -58,3 +58,9 @@ def all_reduce_scalar(value: float) -> float:
     t = torch.tensor([value], dtype=torch.float64)
     torch.distributed.all_reduce(t)
     return float(t.item())
+
+
+def residual_energy(hidden: torch.Tensor) -> float:
+    """``Σ‖h‖²`` over every calibration token of all processes, rounded to float32 so that one process and a
+    sharded run (whose float64 partial sums round differently in the last bits) agree."""
+    return float(torch.tensor(all_reduce_scalar(float(hidden.double().square().sum()))).float())

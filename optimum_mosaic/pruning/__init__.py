@@ -1,3 +1,3 @@
 """Unstructured kernels: pure functions ``(weight, stats, sparsity, nm=None, **options) -> weight``."""
 
-from . import alps, apt, magnitude, sparsegpt, wanda  # noqa: F401  (each module registers its method)
+from . import alps, apt, magnitude, refit, sparsegpt, wanda  # noqa: F401  (each module registers its method)

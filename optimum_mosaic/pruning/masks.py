@@ -2,7 +2,32 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+SAMPLE = 8192  # entries sampled to bracket a k-th value
+
+
+def kth_smallest(flat: torch.Tensor, j: int) -> torch.Tensor:
+    """The ``j``-th smallest (1-based) entry of the 1-D ``flat``: exactly ``flat.kthvalue(j).values``, faster on
+    large tensors. A fixed pseudo-random sample of ``SAMPLE`` entries brackets the value (rank ``j/n`` ± 4 binomial
+    standard deviations); then ``j`` minus the count below the bracket is the rank inside the (small) bracket,
+    where ``kthvalue`` runs. If the bracket misses (probability ≈ 1e-4), the full selection runs."""
+    n = flat.numel()
+    if n <= 4 * SAMPLE:
+        return flat.kthvalue(j).values
+    idx = torch.randint(n, (SAMPLE,), generator=torch.Generator().manual_seed(n)).to(flat.device)
+    sample = flat[idx].sort().values
+    q = j / n
+    centre, margin = q * SAMPLE, 4 * math.sqrt(q * (1 - q) * SAMPLE) + 2
+    lo, hi = sample[max(int(centre - margin), 0)], sample[min(int(centre + margin), SAMPLE - 1)]
+    below = flat < lo
+    rank = j - int(below.sum())
+    band = flat[(flat <= hi) & ~below]
+    if 1 <= rank <= band.numel():
+        return band.kthvalue(rank).values
+    return flat.kthvalue(j).values
 
 
 def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -14,7 +39,7 @@ def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros_like(scores, dtype=torch.bool)
     if k >= flat.numel():
         return torch.ones_like(scores, dtype=torch.bool)
-    t = flat.kthvalue(k).values
+    t = kth_smallest(flat, k)
     mask = flat < t
     ties = torch.nonzero(flat == t).flatten()[: k - int(mask.sum())]
     mask[ties] = True

@@ -107,15 +107,20 @@ def _as_mosaic_class(model, spec: dict | None):
         model.config, model.__class__ = config, cls
 
 
-def save_model(model, directory: Path, compressed: bool, values_dtype: torch.dtype | None = None) -> dict | None:
-    """``model.save_pretrained(directory)`` with the projections compressed (or made dense again); returns the
-    ``mosaic_compressed`` spec written into ``config.json`` (None for the dense layout)."""
+def save_model(
+    model, directory: Path, compressed: bool, values_dtype: torch.dtype | None = None, **save_kwargs
+) -> dict | None:
+    """transformers' ``save_pretrained(directory, **save_kwargs)`` with the projections compressed (or made dense
+    again); returns the ``mosaic_compressed`` spec written into ``config.json`` (None for the dense layout). The
+    class method is called, never a bound override (``model.save_pretrained`` of a pruned model lands here)."""
     if not compressed and not has_sparse_modules(model):
-        model.save_pretrained(directory)
+        type(model).save_pretrained(model, directory, **save_kwargs)
         return None
+    if save_kwargs.get("state_dict") is not None:
+        raise TypeError("state_dict= cannot be combined with compressed=True or a model on the sparse kernel")
     state, spec = state_dict_for_save(model, compressed, values_dtype)
     with _as_mosaic_class(model, spec):
-        model.save_pretrained(directory, state_dict=state)
+        type(model).save_pretrained(model, directory, state_dict=state, **save_kwargs)
     return spec
 
 

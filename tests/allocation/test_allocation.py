@@ -121,11 +121,13 @@ def test_search_grid_keeps_uniform_and_pins_fixed_axes():
 
 def test_search_picks_the_lowest_score():
     profile = random_profile(m=5.0)
+    labels = []
     lamda, m, table = search_allocation(
         pod_allocation,
         profile,
         0.6,
         [(0.0, 5.0), (0.05, 5.0), (0.1, 5.0)],
-        score=lambda plan: abs(max(plan.values()) - 0.65),
+        score=lambda plan, label: labels.append(label) or abs(max(plan.values()) - 0.65),
     )
     assert (lamda, m) == (0.05, 5.0) and len(table) == 3
+    assert labels == ["λ=+0 M=5, candidate 1/3", "λ=+0.05 M=5, candidate 2/3", "λ=+0.1 M=5, candidate 3/3"]

@@ -60,6 +60,8 @@ def test_mosaic_prune_save_reload(pruner, dense_state, dense_ppl, tmp_path):
     pruned_ppl = ppl(pruner)
     assert dense_ppl < pruned_ppl < 2.0 * dense_ppl
     reloaded = PrunedModelForCausalLM.from_pretrained(tmp_path / "mosaic")
+    source = reloaded.mosaic_sidecar["source"]  # the default alias: the de-quantised Q4_1 GGUF, Apache-2.0
+    assert source["model"] == "smollm2-135m" and source["licence"] == "apache-2.0" and "Q4_1" in source["description"]
     x = torch.randint(0, 1000, (1, 64))
     with torch.no_grad():
         assert torch.equal(model(x).logits, reloaded(x).logits)

@@ -71,3 +71,9 @@ def test_bad_option_exits_2_with_one_line():
     done = cli("mosaic", "prune", "--sparsity", "1.5")
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == "optimum-mosaic: error: sparsity: must be in (0, 1), got 1.5"
+
+
+def test_mosaic_without_a_sub_command_shows_its_help():
+    done = cli("mosaic")
+    assert done.returncode == 0, done.stderr
+    assert "usage: optimum-cli mosaic" in done.stdout and "prune a model and save it" in done.stdout

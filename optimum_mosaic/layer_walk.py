@@ -1,0 +1,139 @@
+"""The sequential layer walk of ``Pruner``: per decoder layer, statistics of its inputs (from the already pruned
+layers before it) → structured removal (``structured/``) → unstructured kernel per projection → its outputs for
+the next layer. Also the dense profile walk that measures outlier ratios and structured-removal options."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from tqdm.auto import tqdm
+
+from .allocation.outliers import OutlierProfile, wanda_scores
+from .allocation.sensitivity import input_hessian_proxy
+from .architectures import decoder_layers, layer_projections
+from .calibration.distributed import residual_energy
+from .calibration.layerwise import Activations, collect_statistics, forward_layer, forward_pruning
+from .configuration import PrunedConfig
+from .report import Targets, count_zeros
+from .structured import remove_units, unit_options
+from .structured.composite import restrict_statistics
+
+
+class LayerWalk:
+    """Mixin of ``Pruner`` (which provides ``model``, ``spec``, ``store`` and ``_resident``)."""
+
+    def _owners(self, idx: int, targets: Targets) -> dict[str, str]:
+        """Projection → the projection whose input hook serves it (q, k, v share one input, so do gate and up)."""
+        owners = {}
+        for group in self.spec.input_groups:
+            present = [p for p in group if p in targets[idx]]
+            owners.update({p: present[0] for p in present})
+        return owners
+
+    def _layer_statistics(self, layer, acts, idx, targets, hessian) -> tuple[dict, torch.Tensor]:
+        owners = self._owners(idx, targets)
+        hooked = {o: targets[idx][o] for o in set(owners.values())}
+        stats, out = collect_statistics(layer, acts, idx, hooked, hessian)
+        return {p: stats[o] for p, o in owners.items()}, out
+
+    def _outlier_pass(self, acts: Activations, targets: Targets, profile: OutlierProfile, thresholds, config):
+        """Dense walk: Wanda scores of every projection → outlier ratios (profile updated in place). With
+        structured removal, also what each layer could give up: ``{(layer, kind): [Option]}``."""
+        units = config.structured_units if config.structured_sparsity > 0 else ()
+        options = {}
+        layers = decoder_layers(self.model, self.spec)
+        for idx in tqdm(range(len(layers)), desc="Outlier profile"):
+            with self._resident(idx) as layer:
+                if idx in targets:
+                    whole = units and len(targets[idx]) == len(self.spec.keys)  # units need every projection
+                    hessian = ("o", "down") if whole else False
+                    stats, out = self._layer_statistics(layer, acts, idx, targets, hessian)
+                    scores = {p: wanda_scores(lin.weight, stats[p].sumsq) for p, lin in targets[idx].items()}
+                    profile.add_layer(idx, scores, thresholds)
+                    for p, s in stats.items():  # sensitivity proxy, unless a Hutchinson estimate is there
+                        profile.sensitivity.setdefault((idx, p), input_hessian_proxy(s.sumsq, s.tokens))
+                    if whole:
+                        scale = residual_energy(acts.hidden)
+                        found = unit_options(layer, self.spec, stats, units, config.dampening, scale)
+                        options.update({(idx, kind): opts for kind, opts in found.items()})
+                else:
+                    out = forward_layer(layer, acts, idx)
+            acts.hidden = out
+        return options
+
+    @torch.no_grad()
+    def _prune_layers(self, acts, targets: Targets, plan, kernel, config: PrunedConfig, cuts=None, label="") -> None:
+        """Sequential pass: statistics from already-pruned inputs, remove units (``cuts``), prune, propagate."""
+        cuts = cuts or {}
+        self._dampening = {}
+        last = max(targets)
+        if not cuts and all(s == 0 for s in plan.values()):
+            return  # nothing to remove
+        prune = functools.partial(self._prune_one, targets, plan, kernel, config)
+        walk = bool(kernel.needs or cuts)  # the layers must see the outputs of the pruned layers before them
+        desc = f"Pruning ({config.pruner}{', ' + label if label else ''})"
+        for idx in tqdm(range(last + 1), desc=desc):
+            with self._resident(idx, write=self.store is not None) as layer:
+                propagate = walk and idx < last
+                self._walk_layer(layer, acts, idx, targets, kernel, config, cuts.get(idx), prune, propagate)
+                if self.store is not None and idx in targets:
+                    self.store.counts.update(count_zeros({idx: targets[idx]}))
+
+    def _prune_one(self, targets: Targets, plan, kernel, config: PrunedConfig, idx: int, proj: str, stats) -> None:
+        lin, sparsity = targets[idx][proj], plan[(idx, proj)]
+        if sparsity == 0:
+            return
+        info = {}
+        options = dict(nm=config.nm, dampening=config.dampening, block_size=config.block_size, saliency=config.saliency)
+        iterations = {"max_iterations": config.admm_iterations, "cg_iterations": config.cg_iterations}
+        options.update({k: v for k, v in iterations.items() if v is not None})  # else the kernel's default
+        lin.weight.data.copy_(kernel.fn(lin.weight.data, stats, sparsity, info=info, **options))
+        if info.get("dampening", config.dampening) != config.dampening:
+            self._dampening[f"{idx}.{proj}"] = info["dampening"]
+
+    def _walk_layer(self, layer, acts, idx, targets: Targets, kernel, config, cut, prune, propagate: bool) -> None:
+        """Layer ``idx``: remove units (``cut``), prune its projections, and (``propagate``) compute its outputs
+        for the next layer from the pruned layer."""
+        hessian = "hessian" in kernel.needs
+        stats = self._remove_units(layer, acts, idx, targets, cut, config, hessian) if cut else None
+        if idx not in targets or not kernel.needs:
+            for proj in targets.get(idx, {}):
+                prune(idx, proj, None)
+            if propagate:
+                acts.hidden = forward_layer(layer, acts, idx)
+        elif config.sequential == "projection":
+            acts.hidden = self._forward_pruning(layer, acts, idx, targets, hessian, prune)
+        else:
+            if stats is None:
+                stats, _ = self._layer_statistics(layer, acts, idx, targets, hessian)
+            for proj, s in stats.items():
+                prune(idx, proj, s)
+            if propagate:
+                acts.hidden = forward_layer(layer, acts, idx)
+
+    def _remove_units(self, layer, acts, idx, targets: Targets, cut, config, hessian: bool) -> dict | None:
+        """Structured step of layer ``idx``: statistics of the layer as it is, remove units with compensation,
+        refresh ``targets[idx]``. With ``sequential="layer"`` the statistics serve the unstructured step too
+        (restricted to the kept inputs of ``o`` and ``down``); otherwise the pruning forward collects its own."""
+        reuse = config.sequential == "layer"
+        stats, _ = self._layer_statistics(layer, acts, idx, targets, True if reuse and hessian else ("o", "down"))
+        keep = remove_units(layer, self.spec, stats, cut, config.dampening)
+        targets[idx] = layer_projections(layer, self.spec, list(targets[idx]))
+        if not reuse:
+            return None
+        stats["o"] = restrict_statistics(stats["o"], keep["heads"], layer.get_submodule(self.spec.attention).head_dim)
+        stats["down"] = restrict_statistics(stats["down"], keep["channels"])
+        return stats
+
+    def _forward_pruning(self, layer, acts, idx, targets: Targets, hessian: bool, prune) -> torch.Tensor:
+        """One forward of the layer; each input group is pruned as its input arrives (q, k, v share one)."""
+        owners = self._owners(idx, targets)
+        members = {o: [p for p, owner in owners.items() if owner == o] for o in set(owners.values())}
+
+        def prune_group(owner: str, stats) -> None:
+            for proj in members[owner]:
+                prune(idx, proj, stats)
+
+        hooked = {o: targets[idx][o] for o in members}
+        return forward_pruning(layer, acts, idx, hooked, hessian, prune_group)

@@ -1,0 +1,149 @@
+"""Least-squares refit of the kept weights on a fixed support, and the normalised problem ALPS works on.
+
+Legend: ``W`` (d_out × d_in) dense weights, ``H = XᵀX``, ``Hd = H + δ·mean(diag H)·I`` (δ = ``dampening``).
+For a support ``S`` (per output row ``r``: the inputs it keeps) the layer loss
+
+    min_Ŵ  tr((Ŵ − W) Hd (Ŵ − W)ᵀ)   subject to  Ŵ_rj = 0 for j ∉ S_r
+
+separates into rows, and the gradient ``2 (ŵ − w) Hd`` vanishes on ``S``: ``ŵ_S Hd_SS = y_S`` with ``y = w Hd``,
+i.e. ``ŵ_S = y_S (Hd_SS)⁻¹`` — the exact masked least squares (the pruned weights are not "set to zero and
+forgotten": every kept weight of the row moves to compensate them). Solving ``|S|×|S|`` systems per row costs
+``O(d_out·|S|³)``; instead all rows are solved together by conjugate gradient with the residual masked to the
+support (each step one ``(d_out × d_in)·(d_in × d_in)`` product), on the unit-diagonal problem
+
+    x = sqrt(diag Hd),  Hn = Hd / (x xᵀ),  Wn = W·x,  Yn = Wn Hn   (columns scaled: Jacobi preconditioning),
+
+warm-started from the weights the mask came with. ``Hn`` is cached on ``stats.cache``, so the projections
+that share an input (q, k, v; gate, up) build it once. Dead inputs (``diag H = 0``) are handled as in
+SparseGPT: their weights are zeroed and ``H_jj = 1`` before the ridge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..registry import register_method
+from .sparsegpt import sparsegpt_prune
+
+
+@dataclass(frozen=True)
+class NormalizedHessian:
+    Hn: torch.Tensor  # Hd / (x xᵀ), unit diagonal
+    x: torch.Tensor  # sqrt(diag Hd) + 1e-8
+    dead: torch.Tensor  # inputs never active (diag H = 0)
+
+
+def normalized_hessian(stats, dampening: float, device) -> NormalizedHessian:
+    """The ridge-damped, unit-diagonal ``Hn`` of ``stats.hessian`` (cached on ``stats.cache``)."""
+    key = ("normalized_hessian", dampening, str(device))
+    if key not in stats.cache:
+        H = stats.hessian.to(device, torch.float32, copy=True)
+        dead = torch.diag(H) == 0
+        H[dead, dead] = 1.0
+        H.diagonal().add_(dampening * torch.diag(H).mean())
+        x = torch.diag(H).sqrt() + 1e-8
+        stats.cache[key] = NormalizedHessian(H.div_(x.unsqueeze(0)).div_(x.unsqueeze(1)), x, dead)
+    return stats.cache[key]
+
+
+def normalized_problem(weight: torch.Tensor, stats, dampening: float):
+    """``(Wn, Yn, Hn, x)``: the column-scaled fp32 weights (dead inputs zeroed), ``Yn = Wn Hn``, ``Hn`` and ``x``."""
+    norm = normalized_hessian(stats, dampening, weight.device)
+    Wn = weight.detach().float().masked_fill(norm.dead, 0.0) * norm.x
+    return Wn, Wn @ norm.Hn, norm.Hn, norm.x
+
+
+def masked_cg(
+    A: torch.Tensor, Y: torch.Tensor, B: torch.Tensor, support: torch.Tensor, iterations: int, rtol: float,
+    stop: str = "masked",
+) -> tuple[torch.Tensor, int]:  # fmt: skip
+    """Solve ``b_S A_SS = y_S`` for every row (``A`` symmetric positive definite) by conjugate gradient with the
+    residual masked to the row's support ``S``; warm start ``B`` (zero off ``S``). Returns (B, steps taken).
+
+    ``stop="masked"``: stop once every row's masked residual ``‖(y − bA)_S‖ ≤ rtol·‖y_S‖`` (true convergence;
+    ``rtol=0`` runs all steps). ``stop="unmasked"`` is ALPS's reference test: the *unmasked* residual ``Y − B A`` of
+    every input coordinate (a column) within ``rtol`` of the norm of that column of ``Y`` — a sparse support
+    cannot meet it, so in practice all steps run; that residual is carried by the CG recurrence."""
+    full = Y - B @ A  # unmasked residual, kept by the same recurrence
+    R = full * support
+    if stop == "masked":
+        tol2 = (rtol**2) * (Y * support).square().sum(1)
+    else:
+        tol = rtol * Y.norm(dim=0)
+    P = R.clone()
+    rr = (R * R).sum(1)
+    steps = 0
+    for _ in range(iterations):
+        if stop == "masked" and bool((rr <= tol2).all()):
+            break
+        AP = P @ A
+        den = (P * AP).sum(1)
+        alpha = torch.where(den > 0, rr / den.where(den > 0, torch.ones_like(den)), torch.zeros_like(den))
+        B = B + alpha.unsqueeze(1) * P
+        full = full - alpha.unsqueeze(1) * AP
+        R = full * support
+        rr_new = (R * R).sum(1)
+        beta = torch.where(rr > 0, rr_new / rr.where(rr > 0, torch.ones_like(rr)), torch.zeros_like(rr))
+        P = R + beta.unsqueeze(1) * P
+        rr = rr_new
+        steps += 1
+        if stop == "unmasked" and bool((full.norm(dim=0) <= tol).all()):
+            break
+    return B, steps
+
+
+def relative_error(Hn: torch.Tensor, B: torch.Tensor, Wn: torch.Tensor, base: float) -> float:
+    """``tr((B − Wn) Hn (B − Wn)ᵀ) / base`` — the damped layer loss, relative to ``base = tr(Wn Hn Wnᵀ)``."""
+    E = B - Wn
+    return float(((E @ Hn) * E).sum()) / base if base > 0 else 0.0
+
+
+@torch.no_grad()
+def refit(
+    weight: torch.Tensor,
+    pruned: torch.Tensor,
+    stats,
+    iterations: int = 10,
+    dampening: float = 0.01,
+    rtol: float = 1e-6,
+    info: dict | None = None,
+) -> torch.Tensor:
+    """Re-solve the nonzeros of ``pruned`` (the support) for the dense ``weight`` by masked CG, warm-started from
+    ``pruned``; at most ``iterations`` steps (``info``: steps taken, damped relative error before and after)."""
+    Wn, Y, Hn, x = normalized_problem(weight, stats, dampening)
+    support = pruned != 0
+    B = pruned.float() * x
+    if info is not None:
+        base = float((Wn * Y).sum())
+        info["error_before_refit"] = relative_error(Hn, B, Wn, base)
+    B, steps = masked_cg(Hn, Y, B, support, iterations, rtol)
+    if info is not None:
+        info.update(cg_iterations=steps, error=relative_error(Hn, B, Wn, base))
+    return (B / x).masked_fill(~support, 0.0).to(weight.dtype)
+
+
+@torch.no_grad()
+def sparsegpt_refit_prune(
+    weight: torch.Tensor,
+    stats,
+    sparsity: float,
+    nm: tuple[int, int] | None = None,
+    dampening: float = 0.01,
+    block_size: int = 128,
+    saliency: str = "obs",
+    cg_iterations: int = 10,
+    info: dict | None = None,
+    **_,
+) -> torch.Tensor:
+    """SparseGPT's mask and weights, then the kept weights re-solved jointly on that mask (``refit``).
+
+    SparseGPT compensates each pruned weight only on the columns to its right (its sweep is one pass of
+    sequential OBS), so the kept weights are not the least-squares optimum for the final mask; ``cg_iterations``
+    masked-CG steps from SparseGPT's weights move them towards it (the exact optimum in the limit)."""
+    pruned = sparsegpt_prune(weight, stats, sparsity, nm, dampening, block_size, info, saliency)
+    return refit(weight, pruned, stats, cg_iterations, dampening, info=info)
+
+
+register_method("sparsegpt_refit", "unstructured", sparsegpt_refit_prune, needs=("hessian",))
