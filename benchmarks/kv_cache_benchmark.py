@@ -37,7 +37,7 @@ CONFIGS = {"dense (DynamicCache)": None, "K0.5 V0.5": (0.5, 0.5), "K0.7 V0.7": (
 def make_cache(sparsities, window: int, config):
     from transformers import DynamicCache
 
-    from optimum_mosaic.kv_cache import SparseKVCache
+    from optimum_mosaic.sparse import SparseKVCache
 
     if sparsities is None:
         return DynamicCache()

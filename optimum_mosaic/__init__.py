@@ -23,7 +23,7 @@ _EXPORTS = {
     "SparsityPlan": ".plan",
     "SparsityPreservingCallback": ".callbacks",
     "GradualPruningCallback": ".callbacks",
-    "SparseKVCache": ".kv_cache",
+    "SparseKVCache": ".sparse.kv_cache",
     "perplexity": ".evaluation",
 }
 

@@ -111,6 +111,12 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--offload", action="store_true", help="decoder layers stay on disk, one resident at a time")
     parser.add_argument("--calibration-text", default=None, help="UTF-8 text file to calibrate on (default: bundled)")
     parser.add_argument(
+        "--compressed",
+        action="store_true",
+        help="save projections in the bitmap format (smaller; read by PrunedModelForCausalLM, or by transformers "
+        "with trust_remote_code=True); default: dense safetensors any transformers reads",
+    )
+    parser.add_argument(
         "--eval-windows", type=int, default=0, help="evaluate perplexity before/after on up to this many windows"
     )
     parser.add_argument("--eval-text", default=None, help="UTF-8 text file to evaluate on (default: Persuasion)")
@@ -147,6 +153,8 @@ def _check_prune_args(args, config: PrunedConfig) -> None:
         raise ValueError(
             "--offload writes to --output and cannot evaluate in memory: give --output, drop --eval-windows"
         )
+    if args.offload and args.compressed:
+        raise ValueError("--offload writes dense layer shards; drop --compressed (re-save the result compressed later)")
     check_positive_int("--batch-size", args.batch_size)
     if args.eval_windows < 0:
         raise ValueError(f"--eval-windows: must be >= 0, got {args.eval_windows}")
@@ -201,7 +209,9 @@ def run_prune(args) -> dict:
     if args.output:  # checked before loading; one atomic save with the evaluation in the sidecar
         from .serialization import save_pruned
 
-        save_pruned(pruner.model, pruner.tokenizer, args.output, config, report, overwrite=args.overwrite)
+        save_pruned(
+            pruner.model, pruner.tokenizer, args.output, config, report, overwrite=args.overwrite, compressed=args.compressed
+        )
     _print_summary(args, config, report, dense_params, _nonzero(pruner.model), elapsed)
     return {"before": before.get("perplexity"), "after": after.get("perplexity"), "report": report.to_dict()}
 

@@ -14,7 +14,9 @@ from pathlib import Path
 
 from .architectures import PROJECTIONS
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # dense safetensors with exact zeros: any transformers reads them
+COMPRESSED_FORMAT_VERSION = 2  # projections in the bitmap format (optimum_mosaic/sparse/checkpoint.py)
+FORMAT_VERSIONS = (FORMAT_VERSION, COMPRESSED_FORMAT_VERSION)
 SIDECAR_NAME = "mosaic_config.json"
 AUTO = "auto"
 PAPER_LAMDA = 0.08  # λ of the paper's README example
@@ -276,9 +278,9 @@ class PrunedConfig:
             except re.error as err:
                 raise ValueError(f"ignore: {pattern!r} is not a valid regular expression ({err})") from None
         _check(
-            self.format_version == FORMAT_VERSION,
+            self.format_version in FORMAT_VERSIONS,
             "format_version",
-            f"this version of optimum-mosaic reads format {FORMAT_VERSION}, got {self.format_version}; upgrade optimum-mosaic",
+            f"this version of optimum-mosaic reads formats {FORMAT_VERSIONS}, got {self.format_version}; upgrade optimum-mosaic",
         )
 
     # -- JSON ---------------------------------------------------------------------------------
@@ -338,9 +340,9 @@ def read_sidecar(directory: str | Path) -> dict:
             f"{path} holds a {type(data).__name__}, not the sidecar object; re-save the checkpoint"
         )
     version = data.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in FORMAT_VERSIONS:
         raise CheckpointMismatchError(
-            f"{path} has format_version {version!r}; this optimum-mosaic reads {FORMAT_VERSION}. Upgrade optimum-mosaic."
+            f"{path} has format_version {version!r}; this optimum-mosaic reads {FORMAT_VERSIONS}. Upgrade optimum-mosaic."
         )
     missing = [k for k in ("config", "report", "shapes", "zeros") if not isinstance(data.get(k), dict)]
     if missing:

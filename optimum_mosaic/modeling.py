@@ -21,13 +21,15 @@ class PrunedModelForCausalLM:
         raise TypeError("use PrunedModelForCausalLM.from_pretrained(path)")
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, check_sparsity: bool = True, **kwargs):
+    def from_pretrained(cls, path: str | Path, check_sparsity: bool = True, sparse_kernel: bool = False, **kwargs):
         """``path``: a local checkpoint directory or a Hub repo id (downloaded with ``snapshot_download``;
-        ``revision``, ``token``, ``cache_dir``, ``local_files_only``, ``force_download`` are passed to it)."""
+        ``revision``, ``token``, ``cache_dir``, ``local_files_only``, ``force_download`` are passed to it).
+        Reads the dense layout and the compressed one (sidecar ``format_version`` 2). ``sparse_kernel=True``: the
+        projections with at least ``optimum_mosaic.sparse.linear.MIN_SPARSITY`` zeros run on the sparse CPU
+        kernel (``SparseLinear``; from a compressed checkpoint without ever holding them dense)."""
         import torch
-        from safetensors import SafetensorError
-        from transformers import AutoModelForCausalLM
 
+        from .configuration import COMPRESSED_FORMAT_VERSION
         from .serialization import linear_summary
 
         path = _resolve(path, {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs})
@@ -35,18 +37,18 @@ class PrunedModelForCausalLM:
         _check_weight_files(Path(path))
         kwargs.setdefault("dtype", torch.float32)
         quantization_config = kwargs.get("quantization_config")
+        compressed = sidecar["format_version"] == COMPRESSED_FORMAT_VERSION
+        _check_sparse_options(path, compressed, sparse_kernel, quantization_config, kwargs)
         if quantization_config is not None:
             from .quantization import normalise_quantization_config, prepare_quantization_config
 
             quantization_config = normalise_quantization_config(quantization_config)
             kwargs["quantization_config"] = prepare_quantization_config(quantization_config)
-        try:
-            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        except SafetensorError as err:
-            raise CheckpointMismatchError(
-                f"the weights in {path} cannot be read ({err}): the file is truncated or corrupted. "
-                "Copy the checkpoint again, or re-save it with Pruner.prune(save_directory=...)."
-            ) from err
+        model = _load_model(path, kwargs)
+        if compressed:
+            from .sparse.checkpoint import materialize
+
+            materialize(model, Path(path), sparse_kernel)
         shapes, zeros = linear_summary(model)
         _check_shapes(Path(path), sidecar["shapes"], shapes)
         if quantization_config is not None:  # always bitsandbytes 8-bit or 4-bit (normalised above)
@@ -62,6 +64,10 @@ class PrunedModelForCausalLM:
                 )
         elif check_sparsity:
             _check_zeros(Path(path), sidecar["zeros"], zeros)
+        if sparse_kernel and not compressed:
+            from .sparse import to_sparse_kernel
+
+            to_sparse_kernel(model)
         model.mosaic_config = PrunedConfig.from_dict(sidecar["config"])
         model.mosaic_report = PruningReport.from_dict(sidecar["report"])
         model.mosaic_sidecar = sidecar
@@ -69,6 +75,41 @@ class PrunedModelForCausalLM:
 
         attach_hub_methods(model)
         return model
+
+
+def _check_sparse_options(path: Path, compressed: bool, sparse_kernel: bool, quantization_config, kwargs) -> None:
+    if compressed:
+        if quantization_config is not None:
+            raise ValueError(
+                f"{path} is a compressed checkpoint; bitsandbytes quantizes dense weights at load time. Load it "
+                "without quantization_config, or re-save it densely (save_pretrained without compressed=True)."
+            )
+        from . import models  # noqa: F401  (registers the Mosaic* classes that read the format)
+
+        kwargs["mosaic_decompress"] = False  # materialize() checks the tensors, then decodes or keeps them
+    if sparse_kernel and quantization_config is not None:
+        raise ValueError("sparse_kernel=True runs unquantized weights; drop quantization_config or sparse_kernel")
+
+
+def _load_model(path: Path, kwargs: dict):
+    """``AutoModelForCausalLM.from_pretrained`` with unreadable or resized tensors reported as checkpoint errors."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except SafetensorError as err:
+        raise CheckpointMismatchError(
+            f"the weights in {path} cannot be read ({err}): the file is truncated or corrupted. "
+            "Copy the checkpoint again, or re-save it with Pruner.prune(save_directory=...)."
+        ) from err
+    except RuntimeError as err:
+        if "ignore_mismatched_sizes" not in str(err):
+            raise
+        raise CheckpointMismatchError(
+            f"tensors in the weights of {path} do not have the sizes its config.json records (see the load report "
+            "above): the file was modified or belongs to another prune. Copy the checkpoint again, or re-save it."
+        ) from err
 
 
 _HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download")

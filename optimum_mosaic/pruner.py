@@ -91,6 +91,7 @@ class Pruner(LayerWalk):
         *,
         overwrite: bool = False,
         restore_on_error: bool = True,
+        compressed: bool = False,
     ):
         """Prune the model in place as ``config`` says; return it (``model.mosaic_report`` holds the report).
 
@@ -98,6 +99,7 @@ class Pruner(LayerWalk):
         positions, calibration data, ``save_directory``). ``overwrite``: replace a non-empty ``save_directory``
         that is not an optimum-mosaic checkpoint. If the prune fails, the model is restored as it was
         (``restore_on_error=False`` skips the host-memory copy this takes, and leaves a failed model modified).
+        ``compressed``: save the projections in the bitmap format (see ``save_pruned``).
         """
         from .rollback import restore_on_error as rollback
         from .validation import check_prune_inputs
@@ -107,6 +109,8 @@ class Pruner(LayerWalk):
             self, config, calibration_dataset, save_directory, batch_size, overwrite
         )
         if self.store is not None:
+            if compressed:
+                raise ValueError("an offloaded prune writes dense layer shards; drop compressed=True")
             from .offload import prune_offloaded
 
             return prune_offloaded(self, config, calibration_dataset, save_directory, batch_size, overwrite)
@@ -119,7 +123,15 @@ class Pruner(LayerWalk):
             from .serialization import save_pruned
 
             if world()[0] == 0:  # every process holds the same model: one writes it
-                save_pruned(self.model, self.tokenizer, save_directory, config, self.report, overwrite=overwrite)
+                save_pruned(
+                    self.model,
+                    self.tokenizer,
+                    save_directory,
+                    config,
+                    self.report,
+                    overwrite=overwrite,
+                    compressed=compressed,
+                )
             barrier()
         return self.model
 

@@ -176,28 +176,36 @@ def versions() -> dict[str, str]:
 
 def linear_summary(model, count: bool = True) -> tuple[dict[str, list[int]], dict[str, int]]:
     """``({module name: [out, in]}, {module name: exact zeros})`` for every projection of the decoder layers."""
+    import torch
+
     from .architectures import named_projections
 
     shapes, zeros = {}, {}
     for name, lin in named_projections(model).items():
         shapes[name] = [lin.out_features, lin.in_features]  # not weight.shape: bnb 4-bit packs the weight
-        if count:
+        if count and hasattr(lin, "weight_values"):  # bitmap format (sparse kernel, compressed checkpoint)
+            zeros[name] = lin.out_features * lin.in_features - int(torch.count_nonzero(lin.weight_values))
+        elif count:
             zeros[name] = int((lin.weight == 0).sum().item())
     return shapes, zeros
 
 
-def _write_sidecar(directory: Path, config, report, shapes: dict, zeros: dict) -> None:
-    from .configuration import FORMAT_VERSION, SIDECAR_NAME
+def _write_sidecar(directory: Path, config, report, shapes: dict, zeros: dict, compressed: dict | None = None) -> None:
+    """``compressed``: the ``mosaic_compressed`` spec of a compressed checkpoint (sidecar ``format_version`` 2)."""
+    from .configuration import COMPRESSED_FORMAT_VERSION, FORMAT_VERSION, SIDECAR_NAME
 
+    version = FORMAT_VERSION if compressed is None else COMPRESSED_FORMAT_VERSION
     sidecar = {
-        "format_version": FORMAT_VERSION,
-        "config": config.to_dict(),
+        "format_version": version,
+        "config": {**config.to_dict(), "format_version": version},
         "report": report.to_dict(),
         "source": report.source,
         "shapes": shapes,
         "zeros": zeros,
         "versions": versions(),
     }
+    if compressed is not None:
+        sidecar["compressed"] = {"format": "bitmap64", "values_dtype": compressed["values_dtype"]}
     (directory / SIDECAR_NAME).write_text(json.dumps(sidecar, indent=2) + "\n")
 
 
@@ -210,6 +218,8 @@ def save_pruned(
     *,
     overwrite: bool = False,
     merge: bool = False,
+    compressed: bool = False,
+    values_dtype=None,
     **save_kwargs,
 ) -> Path:
     """Every save of a pruned model goes through here: dense safetensors with exact zeros + ``mosaic_config.json``.
@@ -218,26 +228,32 @@ def save_pruned(
     sparsity is measured again from the weights written (``report.measure``), so the sidecar (and a card made
     from it) states what the files hold. ``overwrite``: replace a non-empty directory that is not an
     optimum-mosaic checkpoint. ``merge``: write into an existing directory and keep its other files
-    (``model.save_pretrained`` semantics). ``save_kwargs`` go to transformers' ``save_pretrained``.
+    (``model.save_pretrained`` semantics). ``compressed``: the projections in the bitmap format instead
+    (``sparse/checkpoint.py``; sidecar ``format_version`` 2), values in fp32 or ``values_dtype=torch.bfloat16``.
+    ``save_kwargs`` go to transformers' ``save_pretrained``.
     """
     from .report import measured_report, record_of
+    from .sparse.checkpoint import save_model
 
     config, report = record_of(model, config, report)
     report = measured_report(model, config, report)
     shapes, zeros = linear_summary(model)
     writer = staged_into(Path(directory)) if merge else atomic_directory(directory, overwrite)
     with writer as staging:
-        type(model).save_pretrained(model, staging, **save_kwargs)  # the class method: never a bound override
+        spec = save_model(model, staging, compressed, values_dtype, **save_kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        _write_sidecar(staging, config, report, shapes, zeros)
+        _write_sidecar(staging, config, report, shapes, zeros, spec)
     model.mosaic_report = report
     return Path(directory)
 
 
-def save_pretrained(model, save_directory, *, tokenizer=None, overwrite: bool = False, **kwargs) -> Path:
+def save_pretrained(
+    model, save_directory, *, tokenizer=None, overwrite: bool = False, compressed: bool = False, values_dtype=None, **kwargs
+) -> Path:
     """``model.save_pretrained(dir)`` of a pruned model (bound by ``hub.attach_hub_methods``): transformers' save plus
-    the sidecar, through ``save_pruned``. Into a directory that holds other files (a Trainer ``output_dir``) the
+    the sidecar, through ``save_pruned`` (``compressed``/``values_dtype`` as there; a model on the sparse kernel is
+    written dense unless ``compressed``). Into a directory that holds other files (a Trainer ``output_dir``) the
     checkpoint is written beside them, as transformers does; ``overwrite=True`` replaces such a directory
     instead. Options transformers' ``save_pretrained`` does not know are a ``TypeError`` (it would ignore them).
     """
@@ -248,7 +264,7 @@ def save_pretrained(model, save_directory, *, tokenizer=None, overwrite: bool = 
     if unknown:
         raise TypeError(
             f"save_pretrained() got unknown option(s) {unknown}; it accepts "
-            f"{sorted(known - {'push_to_hub'} | {'tokenizer', 'overwrite'})}"
+            f"{sorted(known - {'push_to_hub'} | {'tokenizer', 'overwrite', 'compressed', 'values_dtype'})}"
         )
     if kwargs.pop("push_to_hub", False):
         raise TypeError(
@@ -258,7 +274,9 @@ def save_pretrained(model, save_directory, *, tokenizer=None, overwrite: bool = 
         return Path(save_directory)
     target = Path(save_directory)
     merge = not overwrite and target.is_dir() and any(target.iterdir()) and not is_checkpoint(target)
-    return save_pruned(model, tokenizer, target, overwrite=overwrite, merge=merge, **kwargs)
+    return save_pruned(
+        model, tokenizer, target, overwrite=overwrite, merge=merge, compressed=compressed, values_dtype=values_dtype, **kwargs
+    )
 
 
 def save_offloaded(store, model, tokenizer, staging: Path, config, report) -> None:

@@ -52,6 +52,28 @@ def test_prune_then_eval(checkpoint, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["perplexity"] > 1
 
 
+def test_prune_compressed(checkpoint, tmp_path):
+    path, text = checkpoint
+    out = tmp_path / "packed"
+    argv = ["prune", "--model", str(path), "--output", str(out), "--calibration-text", str(text), "--compressed"]
+    argv += [
+        "--sparsity",
+        "0.7",
+        "--allocation",
+        "uniform",
+        "--pruner",
+        "magnitude",
+        "--nsamples",
+        "2",
+        "--seqlen",
+        "16",
+    ]
+    assert main(argv) == 0
+    assert json.loads((out / "mosaic_config.json").read_text())["format_version"] == 2
+    model = PrunedModelForCausalLM.from_pretrained(out)
+    assert model.mosaic_config.format_version == 2 and abs(model.mosaic_report.achieved_sparsity - 0.7) < 1e-3
+
+
 def test_bad_option_is_one_clear_line(capsys):
     assert main(["prune", "--sparsity", "1.2"]) == 2
     assert capsys.readouterr().err.strip() == "optimum-mosaic: error: sparsity: must be in (0, 1), got 1.2"

@@ -5,15 +5,14 @@ import torch
 from conftest import char_tokenizer, tiny_llama, token_windows
 from transformers import DynamicCache
 
-from optimum_mosaic.kv_cache import (
-    BitmapTensor,
-    SparseKVCache,
-    compress,
-    decompress,
-    prune_per_token,
-    pruned_count,
-    tile_nbytes,
-)
+from optimum_mosaic.sparse.format import OFFSET_BYTES, BitmapTensor, decompress, tile_nbytes
+from optimum_mosaic.sparse.kv_cache import KV_PAD, SparseKVCache, compress, prune_per_token, pruned_count
+
+
+def vector_nbytes(nonzeros: int, itemsize: int) -> int:
+    """One head_dim-64 vector of the cache: one padded tile and its row offset."""
+    return tile_nbytes(nonzeros, itemsize, KV_PAD) + OFFSET_BYTES
+
 
 PROMPT, LENGTH, WINDOW = 32, 64, 4
 
@@ -107,7 +106,7 @@ def test_nbytes_matches_a_hand_count():
 def test_format_ratios_for_head_dim_64():
     """The per-token bytes of the pruned tail, against dense: ≤ 50 % at 70 % sparsity in fp16 and fp32."""
     ratios = {
-        (s, size): tile_nbytes(64 - pruned_count(64, s), size) / (64 * size) for s in (0.5, 0.7) for size in (2, 4)
+        (s, size): vector_nbytes(64 - pruned_count(64, s), size) / (64 * size) for s in (0.5, 0.7) for size in (2, 4)
     }
     assert ratios == {(0.5, 2): 76 / 128, (0.5, 4): 140 / 256, (0.7, 2): 60 / 128, (0.7, 4): 108 / 256}
     x = prune_per_token(torch.randn(100, 2, 64, dtype=torch.float16), 0.7)
@@ -153,10 +152,10 @@ def test_pruned_tail_and_dense_window(model64):
         assert (layer.keys != 0).all() and (layer.values != 0).all()  # the window is dense
         # exact bytes: one tile per (token, batch, head), 4-D shapes, fp32 states
         vectors = (LENGTH - WINDOW) * 2 * 2
-        assert layer.tail_nbytes() == vectors * (tile_nbytes(32, 4) + tile_nbytes(19, 4)) + 2 * 4 * 8
+        assert layer.tail_nbytes() == vectors * (vector_nbytes(32, 4) + vector_nbytes(19, 4)) + 2 * 4 * 8
         assert layer.window_nbytes() == 2 * WINDOW * 2 * 2 * 64 * 4
         assert layer.dense_nbytes() == 2 * LENGTH * 2 * 2 * 64 * 4
-        assert layer.tail_nbytes(itemsize=2) == vectors * (tile_nbytes(32, 2) + tile_nbytes(19, 2)) + 2 * 4 * 8
+        assert layer.tail_nbytes(itemsize=2) == vectors * (vector_nbytes(32, 2) + vector_nbytes(19, 2)) + 2 * 4 * 8
     report = cache.memory_report()
     assert report["total"] == cache.nbytes() == sum(cache.nbytes(i) for i in range(3))
     assert report["dense"] == cache.dense_nbytes() and report["total"] == report["tail"] + report["window"]

@@ -34,6 +34,8 @@ def test_wheel_contents(tmp_path):
     for novel in ("emma", "persuasion", "sensesensibility"):
         assert f"optimum_mosaic/data/austen/{novel}.txt.gz" in names
     assert "optimum_mosaic/models/modeling_mosaic.py" in names
+    kernel = {f"optimum_mosaic/sparse/csrc/{f}" for f in ("bitmap_kernel.cpp", "bitmap_common.h", "bitmap_simd.h")}
+    assert kernel <= names  # the kernel's source, built on first use
     assert {"optimum_mosaic/model_cards/__init__.py", "optimum_mosaic/model_cards/template.md"} <= names
     assert "optimum/commands/register/register_mosaic.py" in names
     namespace_inits = {"optimum/__init__.py", "optimum/commands/__init__.py", "optimum/commands/register/__init__.py"}

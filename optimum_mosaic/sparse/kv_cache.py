@@ -1,8 +1,9 @@
 """Mustafar sparse KV cache: per-token magnitude pruning of K (after RoPE) and V, a dense recent window,
-and a bitmap format with 64-element tiles (Joo et al., arXiv 2505.22913; reference path, no custom kernel).
+and the package's bitmap format (``format.py``) with the paper's padding of each tile to a multiple of 8 values
+(Joo et al., arXiv 2505.22913; reference path, no custom kernel).
 
     prune:  for every (batch, head, token) vector x ∈ ℝᴰ keep the D − n entries of largest |x|, n = round(s·D)
-    bytes:  per 64-element tile  8 (bitmap) + ⌈c/8⌉·8·itemsize (c non-zeros, padded) + 4 (int32 offset)
+    bytes:  per 64-element tile  8 (bitmap) + ⌈c/8⌉·8·itemsize (c non-zeros, padded); per vector 4 (int32 offset)
 
 ``SparseKVCache`` is a transformers ``Cache``: the last ``window`` tokens of every layer stay dense, older
 tokens are pruned and held in the bitmap format; ``update`` returns decompressed tail ⊕ dense window ⊕ new
@@ -20,19 +21,25 @@ from functools import partial
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .bitmap import BitmapTensor, compress, decompress, tile_nbytes  # noqa: F401  (re-exported)
+from .format import BitmapTensor, decompress
+from .format import compress as _compress
+
+KV_PAD = 8  # Mustafar's layout: each tile's non-zeros padded to a multiple of 8 values
 
 __all__ = [
-    "BitmapTensor",
+    "KV_PAD",
     "SparseKVCache",
     "SparseKVLayer",
     "compress",
-    "decompress",
     "per_token_keep_mask",
     "pruned_count",
     "prune_per_token",
-    "tile_nbytes",
 ]
+
+
+def compress(x: torch.Tensor) -> BitmapTensor:
+    """``x`` in the bitmap format with the cache's padding (``KV_PAD``)."""
+    return _compress(x, pad=KV_PAD)
 
 
 # -- per-token magnitude pruning ---------------------------------------------------------------------------------
