@@ -97,8 +97,8 @@ def test_save_pretrained_compressed_and_back(saved, tmp_path):
     loaded = PrunedModelForCausalLM.from_pretrained(tmp_path / "c", sparse_kernel=True)
     loaded.save_pretrained(tmp_path / "again", compressed=True)  # from the sparse kernel's own tensors
     assert torch.equal(logits(PrunedModelForCausalLM.from_pretrained(tmp_path / "again")), logits(model))
-    loaded.save_pretrained(tmp_path / "plain")  # transformers' own save: dense weights again, no sidecar
-    assert not (tmp_path / "plain" / "mosaic_config.json").exists()
+    loaded.save_pretrained(tmp_path / "plain")  # without compressed: the dense layout again (sidecar version 1)
+    assert json.loads((tmp_path / "plain" / "mosaic_config.json").read_text())["format_version"] == 1
     from transformers import AutoModelForCausalLM
 
     assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "plain")), logits(model))
