@@ -4,8 +4,8 @@
     python benchmarks/compare.py --methods uniform-sparsegpt llmcompressor-sparsegpt --repeats 3
     python benchmarks/compare.py --peer-python /work/peer-venv/bin/python --threads 2
 
-Methods: ``{uniform,owl,projection}-{magnitude,wanda,sparsegpt}``, ``composite`` (projection + SparseGPT with
-``--structured`` of the weights removed as whole units), ``dense`` (no pruning) and ``llmcompressor-{sparsegpt,
+Methods: ``{uniform,owl,projection}-{magnitude,wanda,sparsegpt,alps_warm}``, ``default`` (``PrunedConfig()``'s
+allocation and pruner), ``composite`` (projection + SparseGPT with ``--structured`` of the weights removed as whole units), ``dense`` (no pruning) and ``llmcompressor-{sparsegpt,
 wanda}`` (``oneshot`` with ``SparseGPTModifier`` / ``WandaPruningModifier``, dampening 0.01, block 128, the decoder
 layers as targets). The parent draws the calibration windows once (``sample_windows`` on the bundled corpus,
 ``--seed``) and the evaluation windows once (the first ``--eval-windows`` windows of *Persuasion*, exactly as
@@ -37,10 +37,10 @@ from compare_worker import RESULT_PREFIX
 
 WORKER = Path(__file__).with_name("compare_worker.py")
 ALLOCATIONS = {"uniform": "uniform", "owl": "layer", "projection": "projection"}
-KERNELS = ("magnitude", "wanda", "sparsegpt")
+KERNELS = ("magnitude", "wanda", "sparsegpt", "alps_warm")
 PEER = "llmcompressor"
 PEER_KERNELS = ("sparsegpt", "wanda")
-OURS = [f"{a}-{k}" for a in ALLOCATIONS for k in KERNELS] + ["composite"]
+OURS = [f"{a}-{k}" for a in ALLOCATIONS for k in KERNELS] + ["composite", "default"]
 ALL_METHODS = ["dense", *OURS, *(f"{PEER}-{k}" for k in PEER_KERNELS)]
 DEFAULT_METHODS = [
     "dense",
@@ -65,7 +65,12 @@ def method_spec(name: str, args) -> dict:
         if kernel not in PEER_KERNELS:
             raise ValueError(f"{name}: llm-compressor kernels are {PEER_KERNELS}")
         return {"library": PEER, "kernel": kernel, "sparsity": args.sparsity, "dampening": 0.01, "block_size": 128}
-    if name == "composite":
+    if name == "default":  # PrunedConfig()'s allocation and pruner, whatever they are
+        from optimum_mosaic import PrunedConfig
+
+        default = PrunedConfig()
+        allocation, kernel, extra = default.allocation, default.pruner, {}
+    elif name == "composite":
         allocation, kernel, extra = "projection", "sparsegpt", {"structured_sparsity": args.structured}
     else:
         allocation, _, kernel = name.partition("-")

@@ -7,7 +7,8 @@
 Every prune runs in its own subprocess (``--prune NAME``; with ``--old-code`` that subprocess imports
 optimum_mosaic from another checkout, so old and new code are compared on the same windows and settings), and
 every checkpoint is measured in a fresh subprocess (``--measure PATH``) with torch threads fixed: parameters,
-safetensors size, prefill time of a 512-token prompt, greedy decode tokens/s, and perplexity on held-out text.
+safetensors size, prefill time of a 512-token prompt, greedy decode tokens/s (dense kernels, then with the
+projections holding ≥ 30 % zeros on the sparse CPU kernel), and perplexity on held-out text.
 ``--heal-steps N`` adds a row: the composite β = 0.2 checkpoint after N LoRA steps on the calibration text
 (``examples/lora_on_pruned.py``: masks recorded first, merged and re-masked). Results: ``--out`` (JSON).
 """
@@ -60,6 +61,7 @@ def measure(path: str, threads: int, eval_windows: int) -> dict:
             decode.append((out.shape[1] - 16) / (time.perf_counter() - start))
     files = list(Path(path).glob("*.safetensors"))
     layers = model.get_decoder().layers
+    ppl = round(perplexity(model, tokenizer, seqlen=512, max_windows=eval_windows, progress=False), 3)
     return {
         "parameters": sum(p.numel() for p in model.parameters()),
         "decoder_parameters": sum(p.numel() for p in layers.parameters()),
@@ -67,8 +69,30 @@ def measure(path: str, threads: int, eval_windows: int) -> dict:
         "safetensors_mib": round(sum(f.stat().st_size for f in files) / 2**20, 1),
         "prefill_512_s": round(statistics.median(prefill), 3),
         "decode_tokens_per_s": round(statistics.median(decode), 2),
-        "perplexity": round(perplexity(model, tokenizer, seqlen=512, max_windows=eval_windows, progress=False), 3),
+        "perplexity": ppl,
+        **_kernel_decode(model, prompt),  # last: it swaps the model's projections
     }
+
+
+def _kernel_decode(model, prompt) -> dict:
+    """Decode tokens/s with the projections that hold ≥ 30 % zeros on the sparse CPU kernel (measured after the
+    dense figures; a dense model swaps nothing)."""
+    import torch
+
+    from optimum_mosaic.sparse import to_sparse_kernel
+
+    to_sparse_kernel(model, min_sparsity=0.3)
+    swapped = len(getattr(model, "mosaic_sparse_kernel", {}).get("swapped", []) or [])
+    if not swapped:
+        return {"kernel_projections": 0}
+    decode = []
+    with torch.inference_mode():
+        model.generate(prompt[:, :16], max_new_tokens=4, do_sample=False)  # warm-up (and the one-time build)
+        for _ in range(3):
+            start = time.perf_counter()
+            out = model.generate(prompt[:, :16], max_new_tokens=64, min_new_tokens=64, do_sample=False)
+            decode.append((out.shape[1] - 16) / (time.perf_counter() - start))
+    return {"kernel_projections": swapped, "decode_kernel_tokens_per_s": round(statistics.median(decode), 2)}
 
 
 def prune(name: str, model: str, target: str, nsamples: int, seqlen: int) -> dict:
@@ -173,7 +197,8 @@ def main() -> None:
             print(rows[-1], flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1, ensure_ascii=False) + "\n")
-    columns = ["model", "code", "parameters", "safetensors_mib", "prefill_512_s", "decode_tokens_per_s", "perplexity"]
+    columns = ["model", "code", "parameters", "safetensors_mib", "prefill_512_s", "decode_tokens_per_s"]
+    columns += ["decode_kernel_tokens_per_s", "perplexity"]
     print(format_table(rows, columns + ["prune_s"]))
 
 

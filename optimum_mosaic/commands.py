@@ -209,9 +209,8 @@ def run_prune(args) -> dict:
     if args.output:  # checked before loading; one atomic save with the evaluation in the sidecar
         from .serialization import save_pruned
 
-        save_pruned(
-            pruner.model, pruner.tokenizer, args.output, config, report, overwrite=args.overwrite, compressed=args.compressed
-        )
+        options = dict(overwrite=args.overwrite, compressed=args.compressed)
+        save_pruned(pruner.model, pruner.tokenizer, args.output, config, report, **options)
     _print_summary(args, config, report, dense_params, _nonzero(pruner.model), elapsed)
     return {"before": before.get("perplexity"), "after": after.get("perplexity"), "report": report.to_dict()}
 

@@ -74,18 +74,30 @@ def _human_bytes(n: int) -> str:
     return ""  # unreachable
 
 
+_PACKED = (".weight_bitmaps", ".weight_values", ".weight_offsets")  # a projection in the bitmap format
+
+
+def _parameter_count(tensors: dict[str, list[int]], shapes: dict) -> int:
+    """Parameters the checkpoint represents: its tensors, with each projection stored in the bitmap format
+    counted as its dense ``out × in`` (from the sidecar's shapes) instead of its bitmap/value/offset bytes."""
+    packed = {name.rsplit(".weight_", 1)[0] for name in tensors if name.endswith(_PACKED)}
+    plain = sum(math.prod(shape) for name, shape in tensors.items() if not name.endswith(_PACKED))
+    return plain + sum(math.prod(shapes[name]) for name in packed)
+
+
 def facts_from_dir(path: Path) -> _Facts:
     from .configuration import read_sidecar
 
     sidecar = read_sidecar(path)
     files = sorted(path.glob("*.safetensors"))
-    tensors = [t for f in files for k, t in _safetensors_header(f).items() if k != "__metadata__"]
+    headers = {k: t for f in files for k, t in _safetensors_header(f).items() if k != "__metadata__"}
+    tensors = list(headers.values())
     config_file = path / "config.json"
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}
     readme = path / "README.md"
     return _Facts(
         sidecar=sidecar,
-        parameters=sum(math.prod(t["shape"]) for t in tensors),
+        parameters=_parameter_count({k: t["shape"] for k, t in headers.items()}, sidecar.get("shapes", {})),
         size=f"{_human_bytes(sum(f.stat().st_size for f in files))} in {len(files)} safetensors file(s)",
         dtypes=sorted({t["dtype"] for t in tensors}),
         name_or_path=sidecar.get("base_model") or config.get("_name_or_path"),
@@ -112,11 +124,15 @@ def _model_sidecar(model) -> dict:
 
 def _facts_from_model(model) -> _Facts:
     params = list(model.parameters())
-    tensor_bytes = sum(p.numel() * p.element_size() for p in params)
+    packed = [b for name, b in model.named_buffers() if name.endswith(_PACKED)]  # projections on the sparse kernel
+    tensor_bytes = sum(t.numel() * t.element_size() for t in params + packed)
+    sidecar = _model_sidecar(model)
+    tensors = {name: list(t.shape) for name, t in model.named_parameters()}
+    tensors.update({name: list(t.shape) for name, t in model.named_buffers() if name.endswith(_PACKED)})
     source = Path(str(getattr(model, "name_or_path", "") or "")) / "README.md"
     return _Facts(
-        sidecar=_model_sidecar(model),
-        parameters=sum(p.numel() for p in params),
+        sidecar=sidecar,
+        parameters=_parameter_count(tensors, sidecar["shapes"]),
         size=f"≈ {_human_bytes(tensor_bytes)} of tensors (not saved yet)",
         dtypes=sorted({str(p.dtype).removeprefix("torch.") for p in params}),
         name_or_path=getattr(model, "name_or_path", None),
@@ -278,6 +294,7 @@ def _template_fields(facts: _Facts, base_model: str | None, repo_id: str | None)
         "structured": bool(removed),
         "structured_removed": f"≈ {removed:,} parameters ({_pct(report.get('structured_sparsity'))} of the prunable weights)",
         "nm_pattern": None if config["pattern"] == "unstructured" else config["pattern"],
+        "compressed": sidecar.get("format_version") == 2 or "compressed" in sidecar,
         "repo_id": repo_id or "path/to/checkpoint",
         "remote_code": bool(report.get("layer_shapes")),
         "notes": list(report.get("notes") or []),

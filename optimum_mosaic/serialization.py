@@ -249,7 +249,14 @@ def save_pruned(
 
 
 def save_pretrained(
-    model, save_directory, *, tokenizer=None, overwrite: bool = False, compressed: bool = False, values_dtype=None, **kwargs
+    model,
+    save_directory,
+    *,
+    tokenizer=None,
+    overwrite: bool = False,
+    compressed: bool = False,
+    values_dtype=None,
+    **kwargs,
 ) -> Path:
     """``model.save_pretrained(dir)`` of a pruned model (bound by ``hub.attach_hub_methods``): transformers' save plus
     the sidecar, through ``save_pruned`` (``compressed``/``values_dtype`` as there; a model on the sparse kernel is
@@ -275,7 +282,14 @@ def save_pretrained(
     target = Path(save_directory)
     merge = not overwrite and target.is_dir() and any(target.iterdir()) and not is_checkpoint(target)
     return save_pruned(
-        model, tokenizer, target, overwrite=overwrite, merge=merge, compressed=compressed, values_dtype=values_dtype, **kwargs
+        model,
+        tokenizer,
+        target,
+        overwrite=overwrite,
+        merge=merge,
+        compressed=compressed,
+        values_dtype=values_dtype,
+        **kwargs,
     )
 
 

@@ -199,3 +199,17 @@ def test_values_of_the_wrong_length_are_refused(saved, tmp_path):
     save_file(tensors, weights, metadata={"format": "pt"})
     with pytest.raises(CheckpointMismatchError):
         PrunedModelForCausalLM.from_pretrained(tmp_path / "c")
+
+
+def test_the_card_of_a_compressed_checkpoint_tells_the_truth(saved):
+    """Parameters are counted as the dense matrices the bitmaps stand for (not bitmap bytes), and the card says the
+    file holds the bitmap format instead of claiming dense storage."""
+    from optimum_mosaic.model_card import facts_from_dir, render_card
+
+    _, root = saved
+    assert facts_from_dir(root / "packed").parameters == facts_from_dir(root / "dense").parameters
+    packed, dense = str(render_card(root / "packed")), str(render_card(root / "dense"))
+    assert "bitmap format (a bitmap per 64 columns" in packed and "stored in dense matrices" not in packed
+    assert "stored in dense matrices" in dense and "bitmap format (a bitmap per 64 columns" not in dense
+    on_kernel = PrunedModelForCausalLM.from_pretrained(root / "packed", sparse_kernel=True)
+    assert f"| parameters | {facts_from_dir(root / 'dense').parameters:,} |" in str(render_card(on_kernel))
