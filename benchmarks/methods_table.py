@@ -37,7 +37,16 @@ RUNS = {
     # issue 12: where ALPS's gain comes from, on the whole model (see layer_error.py for the layer-level study)
     "projection (auto) SparseGPT": dict(allocation="projection", pruner="sparsegpt"),  # the default before
     "uniform SparseGPT + refit": dict(allocation="uniform", pruner="sparsegpt_refit"),
-    "uniform ALPS-warm": dict(allocation="uniform", pruner="alps_warm"),
+    "uniform ALPS-warm": dict(allocation="uniform", pruner="alps_warm"),  # whatever alps_warm's defaults are
+    "uniform ALPS-warm (ρ₀ 0.3, 12 it, 3 CG)": dict(
+        allocation="uniform", pruner="alps_warm", admm_rho=0.3, admm_iterations=12, cg_iterations=3
+    ),
+    "uniform ALPS-warm (ρ₀ 0.5, 6 it, 3 CG)": dict(
+        allocation="uniform", pruner="alps_warm", admm_rho=0.5, admm_iterations=6, cg_iterations=3
+    ),
+    "uniform ALPS-warm (ρ₀ 0.5, 9 it, 0 CG)": dict(
+        allocation="uniform", pruner="alps_warm", admm_rho=0.5, admm_iterations=9, cg_iterations=0
+    ),
     "layer (OWL λ=0.08 M=5) ALPS-warm": dict(allocation="layer", pruner="alps_warm"),
     "sensitivity (Hutchinson, α=0.1) ALPS-warm": dict(allocation="sensitivity_hutchinson", pruner="alps_warm"),
     "projection (λ=-0.03 M=5) ALPS-warm": dict(

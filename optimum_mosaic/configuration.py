@@ -105,6 +105,10 @@ class PrunedConfig:
         default=None,
         metadata={"help": "alps, alps_warm: cap on ADMM iterations. Default: the method's (alps 300, alps_warm 12)."},
     )
+    admm_rho: float | None = field(
+        default=None,
+        metadata={"help": "alps, alps_warm: initial ADMM penalty ρ₀. Default: the method's (alps 0.1, alps_warm 0.5)."},
+    )
     cg_iterations: int | None = field(
         default=None,
         metadata={
@@ -202,7 +206,7 @@ class PrunedConfig:
         self._validate_options()
 
     def _validate_methods(self) -> None:
-        from .registry import is_method, list_methods
+        from .registry import BUILTIN_METHODS, is_method, list_methods
 
         nm = self.nm
         if nm and abs(self.sparsity - nm[0] / nm[1]) > 1e-9:
@@ -217,6 +221,13 @@ class PrunedConfig:
             )
         if not is_method("unstructured", self.pruner):
             raise ValueError(f"pruner: must be one of {list_methods('unstructured')}, got {self.pruner!r}")
+        for name, users in _KERNEL_OPTIONS.items():  # silently ignored by the other built-in pruners otherwise
+            if (
+                getattr(self, name) is not None
+                and self.pruner in BUILTIN_METHODS["unstructured"]
+                and self.pruner not in users
+            ):
+                raise ValueError(f"{name}: used only by pruner {' / '.join(users)}, not {self.pruner!r}; drop it")
         if self.search_grid and not self.allocation.startswith("projection"):
             auto = [n for n in ("lamda", "outlier_threshold") if getattr(self, n) == AUTO]
             raise ValueError(
@@ -266,6 +277,8 @@ class PrunedConfig:
         for name in ("admm_iterations", "cg_iterations"):
             value = getattr(self, name)
             _check(value is None or int(value) >= 0, name, f"must be None or an integer >= 0, got {value}")
+        rho = self.admm_rho
+        _check(rho is None or (_is_number(rho) and rho > 0), "admm_rho", f"must be None or a number > 0, got {rho!r}")
         unknown = sorted(set(self.targets) - set(PROJECTIONS))
         _check(
             not unknown and self.targets,
@@ -302,6 +315,11 @@ class PrunedConfig:
 
 
 _LIST_FIELDS = ("structured_units", "targets", "ignore")
+_KERNEL_OPTIONS = {
+    "admm_rho": ("alps", "alps_warm"),
+    "admm_iterations": ("alps", "alps_warm"),
+    "cg_iterations": ("alps", "alps_warm", "sparsegpt_refit"),
+}
 _INT_FIELDS = ("nsamples", "seqlen", "seed", "block_size", "hessian_samples", "search_samples", "format_version")
 _NUMBER_FIELDS = ("sparsity", "lamda", "outlier_threshold", "structured_sparsity", "dampening")
 

@@ -37,6 +37,10 @@ def test_nm_pattern_fixes_sparsity_and_uniform_allocation():
         (dict(dampening=0), "dampening"),
         (dict(targets=["qkv"]), "targets"),
         (dict(format_version=99), "format_version"),
+        (dict(pruner="alps_warm", admm_rho=0), "admm_rho"),
+        (dict(pruner="sparsegpt", admm_rho=0.5), "admm_rho: used only by pruner alps / alps_warm"),
+        (dict(pruner="wanda", cg_iterations=3), "cg_iterations: used only by"),
+        (dict(pruner="sparsegpt_refit", admm_iterations=3), "admm_iterations: used only by"),
     ],
 )
 def test_invalid_values_name_the_field(kwargs, field):

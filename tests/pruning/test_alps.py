@@ -108,7 +108,7 @@ def test_nm_reconstructs_better_than_sparsegpt():
 @pytest.mark.parametrize(("sparsity", "nm"), [(0.5, None), (0.7, None), (0.5, (2, 4))])
 def test_cg_refinement_never_increases_the_error(sparsity, nm):
     W, stats = problem(5)
-    info_off, info_on = {}, {}
+    info_off, info_on = {"measure_error": True}, {"measure_error": True}
     off = alps_prune(W, stats, sparsity, nm=nm, cg_iterations=0, info=info_off)
     on = alps_prune(W, stats, sparsity, nm=nm, info=info_on)
     assert torch.equal(off == 0, on == 0)  # same ADMM support

@@ -1,4 +1,4 @@
-"""``PrunedConfig(admm_iterations=..., cg_iterations=...)`` reach the kernels; unset, the kernels' defaults apply."""
+"""``PrunedConfig(admm_iterations=..., cg_iterations=..., admm_rho=...)`` reach the kernels; unset, the kernels' defaults apply."""
 
 import pytest
 from conftest import tiny_llama, token_windows
@@ -23,15 +23,15 @@ def prune_with_spy(monkeypatch, pruner: str, **config):
 
 
 def test_iterations_reach_the_kernel(monkeypatch):
-    seen = prune_with_spy(monkeypatch, "alps_warm", admm_iterations=3, cg_iterations=2)
-    assert seen and all(o["max_iterations"] == 3 and o["cg_iterations"] == 2 for o in seen)
+    seen = prune_with_spy(monkeypatch, "alps_warm", admm_iterations=3, cg_iterations=2, admm_rho=0.7)
+    assert seen and all(o["max_iterations"] == 3 and o["cg_iterations"] == 2 and o["rho"] == 0.7 for o in seen)
     infos = [o["info"] for o in seen]
     assert all(i["iterations"] <= 3 and i["cg_iterations"] <= 2 for i in infos)
 
 
 def test_unset_iterations_leave_the_kernel_defaults(monkeypatch):
     seen = prune_with_spy(monkeypatch, "sparsegpt_refit")
-    assert seen and not any("max_iterations" in o or "cg_iterations" in o for o in seen)
+    assert seen and not any({"max_iterations", "cg_iterations", "rho"} & set(o) for o in seen)
     assert all(1 <= o["info"]["cg_iterations"] <= 10 for o in seen)
 
 

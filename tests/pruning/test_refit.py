@@ -78,7 +78,7 @@ def test_sparsegpt_weights_are_not_least_squares_and_the_refit_gains():
 def test_refit_reports_errors_and_zero_iterations_change_nothing():
     W, stats = small_problem(3)
     base = sparsegpt_prune(W, stats, 0.5)
-    info = {}
+    info = {"measure_error": True}
     out = sparsegpt_refit_prune(W, stats, 0.5, info=info)
     assert info["error"] < info["error_before_refit"] and 1 <= info["cg_iterations"] <= 10
     torch.testing.assert_close(sparsegpt_refit_prune(W, stats, 0.5, cg_iterations=0), base, atol=1e-6, rtol=1e-6)
