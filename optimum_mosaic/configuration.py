@@ -36,17 +36,18 @@ class PrunedConfig:
         },
     )
     allocation: str | None = field(
-        default=None,
+        default="uniform",
         metadata={
             "help": "How sparsity is spread: uniform | layer (OWL) | projection (Mosaic POD) | projection_official | "
-            "sensitivity (input-Hessian proxy) | sensitivity_hutchinson (loss-Hessian trace). Default projection "
-            "(uniform for N:M)."
+            "sensitivity (input-Hessian proxy) | sensitivity_hutchinson (loss-Hessian trace). Default uniform "
+            "(measured best within the default's time budget; see benchmarks/RESULTS.md)."
         },
     )
     pruner: str = field(
-        default="sparsegpt",
+        default="alps_warm",
         metadata={
-            "help": "Unstructured method: magnitude | wanda | sparsegpt | sparsegpt_refit | alps | alps_warm | apt."
+            "help": "Unstructured method: magnitude | wanda | sparsegpt | sparsegpt_refit | alps | alps_warm | apt. "
+            "Default alps_warm (ALPS started from SparseGPT's solution)."
         },
     )
     pattern: str = field(
@@ -103,7 +104,7 @@ class PrunedConfig:
     )
     admm_iterations: int | None = field(
         default=None,
-        metadata={"help": "alps, alps_warm: cap on ADMM iterations. Default: the method's (alps 300, alps_warm 12)."},
+        metadata={"help": "alps, alps_warm: cap on ADMM iterations. Default: the method's (alps 300, alps_warm 6)."},
     )
     admm_rho: float | None = field(
         default=None,
@@ -137,7 +138,7 @@ class PrunedConfig:
         self._check_types()
         nm = self.nm
         if self.allocation is None:
-            self.allocation = "uniform" if nm else "projection"
+            self.allocation = "uniform"
         if self.sparsity is None:
             self.sparsity = nm[0] / nm[1] if nm else 0.5
         projection = self.allocation == "projection"
