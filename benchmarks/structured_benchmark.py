@@ -166,7 +166,7 @@ def main() -> None:
     redone = {(label, n) for n in names} | {(label, f"{HEALED} + LoRA {args.heal_steps} steps")}
     redone |= set() if args.no_dense else {("-", "dense")}
     rows = json.loads(out.read_text())["rows"] if out.exists() else []
-    rows = [r for r in rows if (r["code"], r["model"]) not in redone]
+    rows = [r for r in rows if "code" in r and (r["code"], r["model"]) not in redone]  # older files: other protocol
     if not args.no_dense:
         dense = _child(["--measure", str(resolve_model_path(args.model)), *measure_args])
         rows.append({"model": "dense", "code": "-", **dense})

@@ -86,7 +86,9 @@ class LayerWalk:
             return
         info = {}
         options = dict(nm=config.nm, dampening=config.dampening, block_size=config.block_size, saliency=config.saliency)
-        iterations = dict(max_iterations=config.admm_iterations, cg_iterations=config.cg_iterations, rho=config.admm_rho)
+        iterations = dict(
+            max_iterations=config.admm_iterations, cg_iterations=config.cg_iterations, rho=config.admm_rho
+        )
         options.update({k: v for k, v in iterations.items() if v is not None})  # else the kernel's default
         lin.weight.data.copy_(kernel.fn(lin.weight.data, stats, sparsity, info=info, **options))
         if info.get("dampening", config.dampening) != config.dampening:

@@ -37,20 +37,23 @@ def test_dense_perplexity_is_the_known_value(dense_ppl):
     assert 35 < dense_ppl < 75  # 512-token windows give 39.6 on all of Persuasion
 
 
-def test_backends_order_sparsegpt_wanda_magnitude(pruner, dense_state, dense_ppl):
+def test_backends_order_default_sparsegpt_wanda_magnitude(pruner, dense_state, dense_ppl):
+    """The default (uniform ALPS-warm) beats uniform SparseGPT, which beats Wanda, which beats magnitude."""
     result = {}
-    for backend in ("sparsegpt", "wanda", "magnitude"):
+    for backend in ("default", "sparsegpt", "wanda", "magnitude"):
         pruner.model.load_state_dict(dense_state)
-        pruner.prune(PrunedConfig(sparsity=0.5, allocation="uniform", pruner=backend, **SMALL))
+        chosen = {} if backend == "default" else dict(allocation="uniform", pruner=backend)
+        pruner.prune(PrunedConfig(sparsity=0.5, **chosen, **SMALL))
         assert pruner.report.achieved_sparsity == pytest.approx(0.5, abs=1e-4)
         result[backend] = ppl(pruner)
-    assert dense_ppl < result["sparsegpt"] < result["wanda"] < result["magnitude"], result
+    assert dense_ppl < result["default"] < result["sparsegpt"] < result["wanda"] < result["magnitude"], result
     assert result["sparsegpt"] < 2.0 * dense_ppl, result
 
 
 def test_mosaic_prune_save_reload(pruner, dense_state, dense_ppl, tmp_path):
     pruner.model.load_state_dict(dense_state)
-    model = pruner.prune(PrunedConfig(sparsity=0.5, **SMALL), save_directory=tmp_path / "mosaic")
+    config = PrunedConfig(sparsity=0.5, allocation="projection", pruner="sparsegpt", **SMALL)  # Mosaic, λ/M searched
+    model = pruner.prune(config, save_directory=tmp_path / "mosaic")
     report = pruner.report
     assert report.achieved_sparsity == pytest.approx(0.5, abs=1e-3)
     assert report.lamda is not None and len(report.search) == 3
