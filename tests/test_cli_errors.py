@@ -123,7 +123,7 @@ def test_help_version_and_no_command(capsys):
     for expected in [
         "packaged alias: smollm2-135m (default), gemma3-270m",
         "--pruner {alps,alps_warm,apt,magnitude,sparsegpt,sparsegpt_refit,wanda}",
-        "(default: sparsegpt)",
+        "(default: alps_warm)",
         "(default: 128)",
         "options that go together:",
         "--pattern N:M fixes --sparsity to N/M and needs --allocation uniform",

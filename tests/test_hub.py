@@ -116,7 +116,7 @@ def test_card_has_the_real_numbers(pruned, hub):
     assert "| dense (before pruning) | 91.23 |" in readme and "| pruned | 97.65 |" in readme
     assert "4 windows × 32 tokens (seed 0)" in readme
     assert f"{(path / 'model.safetensors').stat().st_size / 1000:.2f} kB in 1 safetensors file(s)" in readme
-    assert "stored in dense matrices" in readme and "Only the structured part" in readme
+    assert "stored in dense matrices" in readme and "only the structured part" in readme
     assert readme.count(MARK_START) == readme.count(MARK_END) == 1
 
 

@@ -110,7 +110,8 @@ def test_a_failing_kernel_restores_the_weights(monkeypatch):
         registry.Method("sparsegpt", "unstructured", flaky, method.needs),
     )
     with pytest.raises(Boom):
-        Pruner(model, char_tokenizer()).prune(PrunedConfig(sparsity=0.5, **SMALL), calibration_dataset=X)
+        config = PrunedConfig(sparsity=0.5, allocation="projection", pruner="sparsegpt", **SMALL)
+        Pruner(model, char_tokenizer()).prune(config, calibration_dataset=X)
     assert len(calls) == 4
     assert_untouched(model, before)
 

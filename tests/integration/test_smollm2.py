@@ -80,10 +80,10 @@ def test_composite_shrinks_and_reloads_through_auto_class(pruner, dense_state, d
     assert pruner.report.achieved_sparsity == pytest.approx(0.5, abs=2e-3)
     assert pruner.report.structured_sparsity == pytest.approx(0.2, abs=0.02)
     assert sum(p.numel() for p in model.model.layers.parameters()) < 0.82 * dense_params
-    # no retraining: removing whole units costs far more than zeros on a 135M model (see benchmarks/);
-    # this bound only catches a broken model (a wrong slice gives thousands)
+    # with structured-OBS compensation: measured 1.55x dense here (OWL-plan SparseGPT unstructured-only with the same
+    # small calibration: 1.52x); uncompensated removal gave 5-9x, a wrong slice gives thousands
     composite_ppl = ppl(pruner)
-    assert composite_ppl < 20.0 * dense_ppl
+    assert composite_ppl < 2.0 * dense_ppl
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "composite")
     x = torch.randint(0, 1000, (1, 64))
     with torch.no_grad():
