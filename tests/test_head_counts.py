@@ -59,18 +59,12 @@ def equal_cuts(monkeypatch):
     unevenly; these tests are about the configs that equal counts produce)."""
     import optimum_mosaic.pruner as pruner_module
     from optimum_mosaic.structured import LayerCut
+    from optimum_mosaic.structured.budget import numel_after
 
     def pin(groups):
-        original = pruner_module.plan_cuts
-
         def plan(options, shapes, beta, dense_numel):
-            cuts, _ = original(options, shapes, beta, dense_numel)
             cuts = {idx: LayerCut(shapes[idx].intermediate, groups, 2) for idx, _ in options}
-            numel = dict(dense_numel)
-            for idx, cut in cuts.items():
-                keys = [p for layer, p in dense_numel if layer == idx]
-                numel.update({(idx, p): n for p, n in cut.numel(shapes[idx], keys).items()})
-            return cuts, numel
+            return cuts, numel_after(cuts, shapes, dense_numel)
 
         monkeypatch.setattr(pruner_module, "plan_cuts", plan)
 

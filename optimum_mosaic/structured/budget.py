@@ -122,8 +122,13 @@ def plan_cuts(options: dict, shapes: dict[int, LayerShape], beta: float, dense_n
     layers = {idx for idx, _ in options}
     shapes = {idx: shape for idx, shape in shapes.items() if idx in layers}
     cuts = layer_cuts(allocate_removal(options, beta * sum(dense_numel.values())), shapes)
+    return cuts, numel_after(cuts, shapes, dense_numel)
+
+
+def numel_after(cuts: dict, shapes: dict[int, LayerShape], dense_numel: dict) -> dict:
+    """Every projection's parameter count once ``cuts`` are applied (keys of ``dense_numel``: ``(layer, projection)``)."""
     numel = dict(dense_numel)
     for idx, cut in cuts.items():
         keys = [p for layer, p in dense_numel if layer == idx]
         numel.update({(idx, p): n for p, n in cut.numel(shapes[idx], keys).items()})
-    return cuts, numel
+    return numel
