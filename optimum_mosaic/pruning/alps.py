@@ -53,7 +53,7 @@ import torch
 
 from ..registry import register_method
 from .masks import kth_smallest
-from .refit import masked_cg, normalized_problem, relative_error
+from .refit import normalized_problem, refit_on_support
 from .sparsegpt import sparsegpt_prune
 
 RHO_MAX = 1e6
@@ -229,17 +229,9 @@ def alps_prune(
         start = start.float() * x
     B, state = admm(Wn, Y, Hn, k, nm, rho, max_iterations, inverse, start)
     B, support = _project(B, k, nm)
-    measure = info is not None and info.get("measure_error", False)  # two products by Hn a prune does not need
-    base = float((Wn * Y).sum()) if measure else 0.0
     if info is not None:
         info.update(state, dampening=dampening)
-    if measure:
-        info["error_admm"] = relative_error(Hn, B, Wn, base)
-    B, steps = masked_cg(Hn, Y, B, support, cg_iterations, CG_RTOL, stop="unmasked")
-    if info is not None:
-        info["cg_iterations"] = steps
-    if measure:
-        info["error"] = relative_error(Hn, B, Wn, base)
+    B = refit_on_support(Wn, Y, Hn, B, support, cg_iterations, CG_RTOL, info, "error_admm", stop="unmasked")
     return (B / x).masked_fill(~support, 0.0).to(weight.dtype)
 
 

@@ -100,6 +100,23 @@ def relative_error(Hn: torch.Tensor, B: torch.Tensor, Wn: torch.Tensor, base: fl
     return float(((E @ Hn) * E).sum()) / base if base > 0 else 0.0
 
 
+def refit_on_support(
+    Wn, Y, Hn, B, support, iterations: int, rtol: float, info: dict | None, before: str, stop="masked"
+):
+    """Masked CG from ``B`` on ``support`` (``info``: steps taken). With ``info["measure_error"]`` also the damped
+    relative errors ``info[before]`` and ``info["error"]``: two products by ``Hn`` a prune does not need."""
+    measure = info is not None and info.get("measure_error", False)
+    base = float((Wn * Y).sum()) if measure else 0.0
+    if measure:
+        info[before] = relative_error(Hn, B, Wn, base)
+    B, steps = masked_cg(Hn, Y, B, support, iterations, rtol, stop=stop)
+    if info is not None:
+        info["cg_iterations"] = steps
+    if measure:
+        info["error"] = relative_error(Hn, B, Wn, base)
+    return B
+
+
 @torch.no_grad()
 def refit(
     weight: torch.Tensor,
@@ -112,19 +129,10 @@ def refit(
 ) -> torch.Tensor:
     """Re-solve the nonzeros of ``pruned`` (the support) for the dense ``weight`` by masked CG, warm-started from
     ``pruned``; at most ``iterations`` steps (``info``: steps taken; with ``info["measure_error"]`` also the damped
-    relative error before and after, two extra products by ``Hn`` that a prune does not need)."""
+    relative error before and after)."""
     Wn, Y, Hn, x = normalized_problem(weight, stats, dampening)
     support = pruned != 0
-    B = pruned.float() * x
-    measure = info is not None and info.get("measure_error", False)
-    if measure:
-        base = float((Wn * Y).sum())
-        info["error_before_refit"] = relative_error(Hn, B, Wn, base)
-    B, steps = masked_cg(Hn, Y, B, support, iterations, rtol)
-    if info is not None:
-        info["cg_iterations"] = steps
-    if measure:
-        info["error"] = relative_error(Hn, B, Wn, base)
+    B = refit_on_support(Wn, Y, Hn, pruned.float() * x, support, iterations, rtol, info, "error_before_refit")
     return (B / x).masked_fill(~support, 0.0).to(weight.dtype)
 
 
