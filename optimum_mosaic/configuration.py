@@ -132,6 +132,13 @@ class PrunedConfig:
     search_samples: int = field(
         default=8, metadata={"help": "Extra held-out calibration windows that score the 'auto' λ/M candidates."}
     )
+    search_pruner: str | None = field(
+        default=None,
+        metadata={
+            "help": "Unstructured method that prunes the 'auto' λ/M candidates. Default: pruner itself (the winner's "
+            "weights are kept). Another (e.g. sparsegpt) prunes the candidates, then the winner is pruned with pruner."
+        },
+    )
     format_version: int = field(default=FORMAT_VERSION, metadata={"help": "Version of the sidecar format."})
 
     def __post_init__(self) -> None:
@@ -197,7 +204,7 @@ class PrunedConfig:
                 f"must be a number{' or ' + repr(AUTO) if name in ('lamda', 'outlier_threshold') else ''}, "
                 f"got {value!r} ({type(value).__name__})",
             )
-        for name in ("allocation", "pruner", "pattern", "saliency", "sequential"):
+        for name in ("allocation", "pruner", "pattern", "saliency", "sequential", "search_pruner"):
             value = getattr(self, name)
             _check(value is None or isinstance(value, str), name, f"must be a str, got {value!r}")
 
@@ -220,8 +227,10 @@ class PrunedConfig:
             raise ValueError(
                 "allocation: an N:M pattern fixes every projection's sparsity, so allocation must be 'uniform'"
             )
-        if not is_method("unstructured", self.pruner):
-            raise ValueError(f"pruner: must be one of {list_methods('unstructured')}, got {self.pruner!r}")
+        for name in ("pruner", "search_pruner"):
+            value = getattr(self, name)
+            if (value is not None or name == "pruner") and not is_method("unstructured", value):
+                raise ValueError(f"{name}: must be one of {list_methods('unstructured')}, got {value!r}")
         for name, users in _KERNEL_OPTIONS.items():  # silently ignored by the other built-in pruners otherwise
             if (
                 getattr(self, name) is not None

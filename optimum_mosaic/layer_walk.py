@@ -72,7 +72,7 @@ class LayerWalk:
             return  # nothing to remove
         prune = functools.partial(self._prune_one, targets, plan, kernel, config)
         walk = bool(kernel.needs or cuts)  # the layers must see the outputs of the pruned layers before them
-        desc = f"Pruning ({config.pruner}{', ' + label if label else ''})"
+        desc = f"Pruning ({kernel.name}{', ' + label if label else ''})"
         for idx in tqdm(range(last + 1), desc=desc):
             with self._resident(idx, write=self.store is not None) as layer:
                 propagate = walk and idx < last

@@ -234,23 +234,25 @@ class Pruner(LayerWalk):
             logger.info("structured_sparsity > 0: no λ/M search, λ=%.3f M=%.1f", lamda, threshold)
         elif config.search_grid:
             candidates = search_grid(config.sparsity, lamda, threshold)
-            score = self._proxy_score(kernel, config, targets, acts, heldout, batch_size)
+            scorer = get_method("unstructured", config.search_pruner or config.pruner)
+            score = self._proxy_score(scorer, config, targets, acts, heldout, batch_size, keep=scorer is kernel)
             lamda, threshold, table = search_allocation(allocator.fn, profile, config.sparsity, candidates, score)
             logger.info("λ/M search chose λ=%.3f M=%.1f", lamda, threshold)
         plan = allocator.fn(profile, config.sparsity, lamda=lamda, outlier_threshold=threshold)
         return plan, lamda, threshold, table
 
-    def _proxy_score(self, kernel, config, targets: Targets, acts, heldout, batch_size):
-        """Score a plan by the prune itself (same calibration, same kernel) and the mean NLL of the held-out
-        calibration windows. The best candidate's weights are kept, so the search costs one prune per
-        candidate and the final prune comes free. (Cheaper proxies mis-ranked plans on SmolLM2-135M.)"""
+    def _proxy_score(self, kernel, config, targets: Targets, acts, heldout, batch_size, keep: bool = True):
+        """Score a plan by a prune with ``kernel`` (same calibration) and the mean NLL of the held-out calibration
+        windows. With ``keep`` (``kernel`` is the pruner) the best candidate's weights are kept, so the search costs
+        one prune per candidate and the final prune comes free. (Cheaper proxies than a whole prune mis-ranked plans
+        on SmolLM2-135M.)"""
         dense = {k: lin.weight.detach().clone() for k, lin in _flat(targets).items()}
         best = {"loss": float("inf")}
 
         def score(plan, label: str = "") -> float:
             self._prune_layers(acts.clone(), targets, plan, kernel, config, label=label)
             loss = mean_nll(self.model, heldout, batch_size)
-            if loss < best["loss"]:
+            if loss < best["loss"] and keep:
                 best.update(loss=loss, weights={k: lin.weight.detach().clone() for k, lin in _flat(targets).items()})
                 self._searched = best["weights"]
             self._restore(targets, dense)

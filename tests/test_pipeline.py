@@ -118,6 +118,20 @@ def test_auto_search_result_equals_a_direct_prune_with_the_chosen_lamda():
         assert torch.equal(a, b)
 
 
+def test_search_pruner_scores_the_candidates_and_pruner_prunes_the_winner():
+    cheap = prune(tiny_llama(), sparsity=0.6, allocation="projection", pruner="wanda").mosaic_report
+    mixed = prune(tiny_llama(), sparsity=0.6, allocation="projection", pruner="sparsegpt", search_pruner="wanda")
+    report = mixed.mosaic_report
+    assert [row["loss"] for row in report.search] == [row["loss"] for row in cheap.search]  # Wanda's candidates
+    assert report.lamda == cheap.lamda
+    direct = prune(tiny_llama(), sparsity=0.6, allocation="projection", lamda=report.lamda, outlier_threshold=5.0,
+                   pruner="sparsegpt")  # fmt: skip
+    for a, b in zip(mixed.state_dict().values(), direct.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="search_pruner: must be one of"):
+        PrunedConfig(allocation="projection", search_pruner="sparse_gpt")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs where one is present)")
 def test_layers_walk_on_cuda_one_at_a_time():
     model = tiny_llama()  # stays on the CPU; each layer visits the GPU while it is pruned
