@@ -38,6 +38,28 @@ def test_removal_equals_least_squares_refit(unit):
     assert cost == pytest.approx(_error(W, state.W, H), rel=1e-8)  # ε is the output error it causes
 
 
+def test_removal_with_intercept_equals_least_squares_with_a_bias():
+    """FLAP-style compensation: ``min ‖W X + b − W'_K X_K − b'‖`` over (W'_K, b'), solved here from X directly."""
+    g = torch.Generator().manual_seed(3)
+    W, b = torch.randn(10, 24, generator=g, dtype=torch.float64), torch.randn(10, generator=g, dtype=torch.float64)
+    X = torch.randn(400, 24, generator=g, dtype=torch.float64) @ torch.randn(24, 24, generator=g, dtype=torch.float64)
+    X += 3.0 * torch.randn(24, generator=g, dtype=torch.float64)  # inputs with a mean: the bias has work to do
+    stats = InputStatistics(X.square().sum(0), X.T @ X, X.shape[0], X.sum(0))
+    removed = torch.tensor([2, 7, 11, 19])
+    kept = torch.tensor([j for j in range(24) if j not in removed.tolist()])
+    state = StructuredOBS(W, stats.hessian, dampening=0.0, intercept=(stats.total, stats.tokens, b))
+    cost = state.remove(removed)
+    design = torch.cat([X[:, kept], torch.ones(X.shape[0], 1, dtype=X.dtype)], 1)
+    solution = torch.linalg.lstsq(design, X @ W.T + b).solution.T  # [10, |K| + 1]
+    torch.testing.assert_close(state.weight[:, kept], solution[:, :-1], rtol=1e-7, atol=1e-8)
+    torch.testing.assert_close(state.bias, solution[:, -1], rtol=1e-7, atol=1e-8)
+    assert torch.count_nonzero(state.weight[:, removed]) == 0
+    residual = X @ W.T + b - design @ solution.T
+    assert cost == pytest.approx(residual.square().sum().item(), rel=1e-7)
+    plain = StructuredOBS(W, stats.hessian, dampening=0.0).remove(removed)  # no intercept: the mean costs more
+    assert cost < 0.9 * plain
+
+
 def test_chained_removals_cost_what_the_union_costs():
     W, stats = correlated_problem(seed=2, rows=10, cols=24)
     chained = StructuredOBS(W, stats.hessian, dampening=0.0)

@@ -36,8 +36,9 @@ def all_reduce_statistics(stats: InputStatistics) -> InputStatistics:
         return stats
     dist = torch.distributed
     dist.all_reduce(stats.sumsq)
-    if stats.hessian is not None:
-        dist.all_reduce(stats.hessian)
+    for part in (stats.hessian, stats.total):
+        if part is not None:
+            dist.all_reduce(part)
     tokens = torch.tensor([stats.tokens], dtype=torch.float64, device=stats.sumsq.device)
     dist.all_reduce(tokens)
     stats.tokens = int(tokens.item())

@@ -17,17 +17,19 @@ import torch
 @dataclass
 class InputStatistics:
     """For the inputs ``X`` (tokens × d) of one linear layer: ``sumsq_j = Σ_t x_tj²`` (Wanda's ‖X_j‖²),
-    optionally ``hessian = XᵀX`` (SparseGPT's H up to a constant), and the token count."""
+    optionally ``hessian = XᵀX`` (SparseGPT's H up to a constant) with ``total = Σ_t x_t``, and the token count."""
 
     sumsq: torch.Tensor
     hessian: torch.Tensor | None = None
     tokens: int = 0
+    total: torch.Tensor | None = None
     cache: dict = field(default_factory=dict, repr=False, compare=False)  # derived data (e.g. factors)
 
     @classmethod
     def empty(cls, features: int, hessian: bool, device=None, dtype=torch.float32) -> InputStatistics:
         h = torch.zeros(features, features, dtype=dtype, device=device) if hessian else None
-        return cls(torch.zeros(features, dtype=dtype, device=device), h, 0)
+        total = torch.zeros(features, dtype=dtype, device=device) if hessian else None
+        return cls(torch.zeros(features, dtype=dtype, device=device), h, 0, total)
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
@@ -39,6 +41,7 @@ class InputStatistics:
             self.sumsq += w.square().sum(0)
             if self.hessian is not None:
                 self.hessian += w.T @ w
+                self.total += w.sum(0)
             self.tokens += w.shape[0]
 
     def merge(self, other: InputStatistics) -> None:
@@ -46,6 +49,7 @@ class InputStatistics:
         self.sumsq += other.sumsq
         if self.hessian is not None:
             self.hessian += other.hessian
+            self.total += other.total
         self.tokens += other.tokens
 
     def finalize(self) -> InputStatistics:
@@ -53,4 +57,5 @@ class InputStatistics:
         self.cache.clear()
         self.sumsq = self.sumsq.float()
         self.hessian = self.hessian.float() if self.hessian is not None else None
+        self.total = self.total.float() if self.total is not None else None
         return self

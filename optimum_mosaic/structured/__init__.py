@@ -41,21 +41,39 @@ def model_shapes(model, spec: ArchSpec) -> dict[int, LayerShape]:
     return {i: layer_shape(layer, spec) for i, layer in enumerate(decoder_layers(model, spec))}
 
 
+def _obs_state(linear, stats, dampening: float, bias: bool) -> StructuredOBS:
+    """Structured-OBS state of ``linear`` on its input statistics; ``bias``: with the constant input column."""
+    intercept = (stats.total, stats.tokens, linear.bias) if bias else None
+    return StructuredOBS(linear.weight, stats.hessian, dampening, intercept)
+
+
 @torch.no_grad()
-def unit_options(layer, spec: ArchSpec, stats: dict, units, dampening: float, scale: float) -> dict[str, list[Option]]:
+def _store(linear, state: StructuredOBS) -> None:
+    linear.weight.copy_(state.weight)
+    if state.bias is not None:
+        if linear.bias is None:
+            linear.bias = torch.nn.Parameter(state.bias.to(linear.weight.dtype))
+        else:
+            linear.bias.copy_(state.bias)
+
+
+@torch.no_grad()
+def unit_options(
+    layer, spec: ArchSpec, stats: dict, units, dampening: float, scale: float, bias: bool = False
+) -> dict[str, list[Option]]:
     """What this layer could give up, per unit kind, with the structured-OBS cost ``ε / scale`` of each option.
     ``stats``: projection → InputStatistics with the Hessians of ``o`` and ``down``."""
     p, shape = layer_projections(layer, spec), layer_shape(layer, spec)
     options = {}
     if "mlp" in units:
-        state = StructuredOBS(p["down"].weight, stats["down"].hessian, dampening)
+        state = _obs_state(p["down"], stats["down"], dampening, bias)
         _, steps = greedy_channels(state, int(MAX_CHANNEL_REMOVAL * shape.intermediate))
         options["mlp"], removed, cost = [Option(0, 0, 0.0)], 0, 0.0
         for count, eps in steps:
             removed, cost = removed + count, cost + eps
             options["mlp"].append(Option(removed, removed * shape.mlp_matrices * shape.hidden, cost / scale))
     if "attention" in units:
-        state = StructuredOBS(p["o"].weight, stats["o"].hessian, dampening)
+        state = _obs_state(p["o"], stats["o"], dampening, bias)
         whole = shape.attention_params
         options["attention"] = []
         for groups in range(1, shape.kv_heads + 1):
@@ -67,10 +85,12 @@ def unit_options(layer, spec: ArchSpec, stats: dict, units, dampening: float, sc
 
 
 @torch.no_grad()
-def remove_units(layer, spec: ArchSpec, stats: dict, cut: LayerCut, dampening: float) -> dict[str, torch.Tensor]:
+def remove_units(
+    layer, spec: ArchSpec, stats: dict, cut: LayerCut, dampening: float, bias: bool = False
+) -> dict[str, torch.Tensor]:
     """Remove what ``cut`` says, choosing units greedily by structured-OBS cost on ``stats`` (Hessians of the
-    inputs of ``o`` and ``down``), compensating ``o``/``down``, then slicing every projection. Returns the kept
-    ``channels``, ``heads`` and ``groups``."""
+    inputs of ``o`` and ``down``), compensating ``o``/``down`` (and, with ``bias``, their biases: FLAP-style),
+    then slicing every projection. Returns the kept ``channels``, ``heads`` and ``groups``."""
     p, shape = layer_projections(layer, spec), layer_shape(layer, spec)
     whole = LayerCut.whole(shape)
     keep = {
@@ -79,15 +99,15 @@ def remove_units(layer, spec: ArchSpec, stats: dict, cut: LayerCut, dampening: f
         "groups": torch.arange(shape.kv_heads),
     }
     if (cut.groups, cut.heads_per_group) != (whole.groups, whole.heads_per_group):
-        state = StructuredOBS(p["o"].weight, stats["o"].hessian, dampening)
+        state = _obs_state(p["o"], stats["o"], dampening, bias)
         keep["heads"], keep["groups"], _ = greedy_heads(
             state, shape.head_dim, shape.kv_heads, cut.groups, cut.heads_per_group
         )
-        p["o"].weight.copy_(state.W)
+        _store(p["o"], state)
     if cut.channels < shape.intermediate:
-        state = StructuredOBS(p["down"].weight, stats["down"].hessian, dampening)
+        state = _obs_state(p["down"], stats["down"], dampening, bias)
         keep["channels"], _ = greedy_channels(state, shape.intermediate - cut.channels)
-        p["down"].weight.copy_(state.W)
+        _store(p["down"], state)
     apply_cuts(layer, spec, keep)
     return keep
 

@@ -61,4 +61,5 @@ def restrict_statistics(stats, kept: torch.Tensor, unit_size: int = 1):
 
     cols = (kept.view(-1, 1) * unit_size + torch.arange(unit_size)).flatten()
     hessian = None if stats.hessian is None else stats.hessian[cols][:, cols]
-    return InputStatistics(stats.sumsq[cols], hessian, stats.tokens)
+    total = None if stats.total is None else stats.total[cols]
+    return InputStatistics(stats.sumsq[cols], hessian, stats.tokens, total)

@@ -10,6 +10,10 @@ their union at once.
 Units here are MLP channels (one column of ``down``) and attention heads (``head_dim`` columns of ``o``);
 query heads go under the GQA rule: a key/value group goes only with all of its query heads, and every group
 keeps the same number of query heads.
+
+With ``intercept`` (FLAP-style bias compensation) the input gets a constant column: ``H`` gains the row and column
+``[Σ_t x_t, n]`` and ``W`` the bias as its last column. That column is never removed, so the same refit also moves
+the bias (least squares with an intercept).
 """
 
 from __future__ import annotations
@@ -22,8 +26,22 @@ import torch
 class StructuredOBS:
     """The float64 state ``(W, H⁻¹)`` of one linear layer while units are removed from its input columns."""
 
-    def __init__(self, weight: torch.Tensor, hessian: torch.Tensor, dampening: float = 0.01):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        hessian: torch.Tensor,
+        dampening: float = 0.01,
+        intercept: tuple[torch.Tensor, int, torch.Tensor | None] | None = None,
+    ):
+        """``intercept``: (``Σ_t x_t``, token count ``n``, current bias or None) appends the constant input."""
+        self.units = weight.shape[1]  # removable columns; a constant column (if any) follows them
         H = hessian.to(torch.float64, copy=True)
+        if intercept is not None:
+            total, tokens, bias = intercept
+            total = total.to(torch.float64).view(-1, 1)
+            H = torch.cat([torch.cat([H, total], 1), torch.cat([total.T, H.new_full((1, 1), float(tokens))], 1)])
+            bias = weight.new_zeros(weight.shape[0]) if bias is None else bias.detach()
+            weight = torch.cat([weight.detach(), bias.to(weight.dtype).view(-1, 1)], 1)
         dead = torch.diag(H) == 0  # inputs never active: H_jj = 1, as in SparseGPT
         H[dead, dead] = 1.0
         H.diagonal().add_(dampening * torch.diag(H).mean())
@@ -32,9 +50,18 @@ class StructuredOBS:
         self.Hinv = torch.cholesky_inverse(torch.linalg.cholesky(H))
         self.cost = 0.0  # Σ ε of everything removed so far
 
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.W[:, : self.units]
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The compensated bias (``intercept`` given), else None."""
+        return self.W[:, self.units] if self.W.shape[1] > self.units else None
+
     def clone(self) -> StructuredOBS:
         new = object.__new__(StructuredOBS)
-        new.W, new.Hinv, new.cost = self.W.clone(), self.Hinv.clone(), self.cost
+        new.W, new.Hinv, new.cost, new.units = self.W.clone(), self.Hinv.clone(), self.cost, self.units
         return new
 
     def costs(self, units: torch.Tensor) -> torch.Tensor:
@@ -67,8 +94,7 @@ class StructuredOBS:
 def greedy_channels(state: StructuredOBS, remove: int, steps: int = 64) -> tuple[torch.Tensor, list[tuple[int, float]]]:
     """Remove ``remove`` single columns, cheapest first, in at most ``steps`` batches (a batch is removed jointly,
     chosen by the single-column costs, as SlimGPT does). Returns (kept columns ascending, [(count, ε)] per batch)."""
-    n = state.W.shape[1]
-    live = torch.ones(n, dtype=torch.bool)
+    live = torch.ones(state.units, dtype=torch.bool)
     batch = max(1, math.ceil(remove / steps))
     curve, done = [], 0
     while done < remove:
@@ -93,7 +119,7 @@ def greedy_heads(
     """Reach ``groups_keep`` key/value groups × ``heads_per_group`` query heads each, removing in order:
     (1) whole groups, the one whose remaining heads cost least jointly; (2) then one query head from every kept
     group per step (each group's cheapest, removed jointly). Returns (heads kept, groups kept, Σ ε)."""
-    n_heads = state.W.shape[1] // head_dim
+    n_heads = state.units // head_dim
     n_rep = n_heads // kv_heads
     members = {g: list(range(g * n_rep, (g + 1) * n_rep)) for g in range(kv_heads)}
     total = 0.0
