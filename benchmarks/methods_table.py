@@ -11,6 +11,7 @@ they are copied into the printed table as reference. Writes ``benchmarks/results
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from pathlib import Path
@@ -52,7 +53,17 @@ RUNS = {
     "projection (λ=-0.03 M=5) ALPS-warm": dict(
         allocation="projection", pruner="alps_warm", lamda=-0.03, outlier_threshold=5
     ),
+    "projection (paper λ=0.08 M=5) ALPS-warm": dict(
+        allocation="projection", pruner="alps_warm", lamda=0.08, outlier_threshold=5
+    ),
     "projection (auto) ALPS-warm": dict(allocation="projection", pruner="alps_warm"),
+    # a cheaper λ search: the candidates pruned by a cheaper kernel, the winner by ALPS-warm
+    "projection (auto, SparseGPT search) ALPS-warm": dict(
+        allocation="projection", pruner="alps_warm", search_pruner="sparsegpt"
+    ),
+    "projection (auto, Wanda search) ALPS-warm": dict(
+        allocation="projection", pruner="alps_warm", search_pruner="wanda"
+    ),
     "default": dict(),  # whatever PrunedConfig() does today
 }
 REFERENCE = ("projection (auto)", "layer (OWL λ=0.08 M=5)")  # rows of allocation_table.json shown alongside
@@ -79,7 +90,7 @@ def main() -> None:
     args = parser.parse_args()
 
     pruner = Pruner.from_pretrained(args.model)
-    dense = {k: v.clone() for k, v in pruner.model.state_dict().items()}
+    dense = pruner.model  # kept aside: a prune may shrink the model (the lossless clean-up of emptied channels)
     evaluate = lambda: perplexity(  # noqa: E731
         pruner.model, pruner.tokenizer, seqlen=args.seqlen, max_windows=args.eval_windows, progress=False
     )
@@ -93,7 +104,7 @@ def main() -> None:
         for name in args.runs:
             if (name, sparsity) in done:
                 continue
-            pruner.model.load_state_dict(dense)
+            pruner = Pruner(copy.deepcopy(dense), pruner.tokenizer)
             config = PrunedConfig(sparsity=sparsity, nsamples=args.nsamples, seqlen=args.seqlen, **RUNS[name])
             start = time.perf_counter()
             pruner.prune(config)
@@ -105,6 +116,8 @@ def main() -> None:
                 "ppl": evaluate(),
                 "calib_nll": round(mean_nll(pruner.model, unseen, 4), 5),
                 "achieved": report.achieved_sparsity,
+                "lamda": report.lamda,
+                "search": report.search,
                 "prune_s": round(elapsed, 1),
                 "timings": report.timings,
                 "plan_range": [min(v for layer in report.plan.values() for v in layer.values()),

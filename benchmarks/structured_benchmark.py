@@ -167,10 +167,17 @@ def main() -> None:
     redone |= set() if args.no_dense else {("-", "dense")}
     rows = json.loads(out.read_text())["rows"] if out.exists() else []
     rows = [r for r in rows if "code" in r and (r["code"], r["model"]) not in redone]  # older files: other protocol
+
+    def add(row: dict) -> None:  # written after every row: a failure late in a long run keeps the rest
+        rows.append(row)
+        print(row, flush=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1, ensure_ascii=False) + "\n")
+
     if not args.no_dense:
-        dense = _child(["--measure", str(resolve_model_path(args.model)), *measure_args])
-        rows.append({"model": "dense", "code": "-", **dense})
-        print(rows[-1], flush=True)
+        add(
+            {"model": "dense", "code": "-", **_child(["--measure", str(resolve_model_path(args.model)), *measure_args])}
+        )
     for name in names:
         target = Path(args.workdir) / args.model / label / name.replace(" ", "_").replace("=", "")
         pruned = _child(
@@ -188,15 +195,11 @@ def main() -> None:
             ],
             args.old_code,
         )
-        rows.append({"model": name, "code": label, **pruned, **_child(["--measure", str(target), *measure_args])})
-        print(rows[-1], flush=True)
+        add({"model": name, "code": label, **pruned, **_child(["--measure", str(target), *measure_args])})
         if args.heal_steps and name == HEALED:
             healed = heal(target, args.heal_steps, args.heal_seqlen)
             measured = _child(["--measure", healed["path"], *measure_args])
-            rows.append({"model": f"{name} + LoRA {args.heal_steps} steps", "code": label, **healed, **measured})
-            print(rows[-1], flush=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1, ensure_ascii=False) + "\n")
+            add({"model": f"{name} + LoRA {args.heal_steps} steps", "code": label, **healed, **measured})
     columns = ["model", "code", "parameters", "safetensors_mib", "prefill_512_s", "decode_tokens_per_s"]
     columns += ["decode_kernel_tokens_per_s", "perplexity"]
     print(format_table(rows, columns + ["prune_s"]))
