@@ -10,6 +10,7 @@ Writes ``benchmarks/results/allocation_table.json`` and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from pathlib import Path
@@ -45,7 +46,7 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     pruner = Pruner.from_pretrained(args.model)
-    dense = {k: v.clone() for k, v in pruner.model.state_dict().items()}
+    dense = pruner.model  # kept aside: a prune may shrink the model (the lossless clean-up of emptied channels)
     evaluate = lambda: perplexity(
         pruner.model, pruner.tokenizer, seqlen=args.seqlen, max_windows=args.eval_windows, progress=False
     )  # noqa: E731
@@ -58,7 +59,7 @@ def main() -> None:
     jobs += [("uniform", b, args.sparsities[-1]) for b in args.backends]
     jobs = [job for job in jobs if job not in done]
     for name, backend, sparsity in jobs:
-        pruner.model.load_state_dict(dense)
+        pruner = Pruner(copy.deepcopy(dense), pruner.tokenizer)
         config = PrunedConfig(
             sparsity=sparsity, pruner=backend, nsamples=args.nsamples, seqlen=args.seqlen, **RUNS[name]
         )
