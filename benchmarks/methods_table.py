@@ -127,7 +127,9 @@ def main() -> None:
             print({k: v for k, v in row.items() if k != "timings"}, flush=True)
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1, ensure_ascii=False) + "\n")
-    table = rows + reference_rows(out.parent / "allocation_table.json", args.sparsities)
+    table = rows
+    if args.model == "smollm2-135m":  # allocation_table.json holds SmolLM2 rows only
+        table += reference_rows(out.parent / "allocation_table.json", args.sparsities)
     base = {r["sparsity"]: r["ppl"] for r in rows if r["run"] == "uniform SparseGPT"}
     for r in table:
         r["vs uniform SparseGPT"] = f"{r['ppl'] / base[r['sparsity']]:.3f}×" if r["sparsity"] in base else "-"
