@@ -47,8 +47,10 @@ def _register(loading: str | None = None) -> None:
 
 
 class _Hook(importlib.abc.MetaPathFinder):
-    """Finds nothing itself. For a ``TARGETS`` module it wraps the real loader so that the registration is tried
-    right after that module's code has run; a registration that had to wait is retried at every later import."""
+    """Finds nothing itself. It wraps the real loader of every transformers module so that the registration is
+    tried right after a ``TARGETS`` module's code has run, and — when that had to wait — again at the end of each
+    later one, so the outermost import (e.g. ``tokenization_auto``, which imports ``configuration_auto``) completes it
+    before ``AutoTokenizer``/``AutoConfig`` read a Mosaic checkpoint's config."""
 
     def __init__(self):
         self.finding = False
@@ -58,7 +60,7 @@ class _Hook(importlib.abc.MetaPathFinder):
             return None
         if _state["pending"]:
             _register()
-        if _state["done"] or fullname not in TARGETS:
+        if _state["done"] or fullname.partition(".")[0] != "transformers":
             return None
         self.finding = True  # importlib.util.find_spec asks every finder again, this one included
         try:
@@ -71,7 +73,8 @@ class _Hook(importlib.abc.MetaPathFinder):
 
         def exec_then_register(module):
             exec_module(module)
-            _register(fullname)
+            if fullname in TARGETS or _state["pending"]:  # the outermost transformers import retries at its end
+                _register(fullname)
 
         spec.loader.exec_module = exec_then_register
         return spec

@@ -168,6 +168,23 @@ class SparsityPreservingCallback(TrainerCallback):
         self._model = get_base() if callable(get_base) else model
         self._linears = prunable_linears(model, self.targets)
         self.set_masks(self._starting_masks(args, state), optimizer)
+        self._warn_if_nothing_to_keep()
+
+    def _warn_if_nothing_to_keep(self) -> None:
+        """One warning when the masks keep every weight: the model's zeros were lost before training (or it was
+        never pruned), so this callback preserves nothing."""
+        if self._masks and self.mask_sparsity() == 0.0:
+            import warnings
+
+            from .exceptions import SparsityLostWarning
+
+            warnings.warn(
+                f"{type(self).__name__}: the target projections hold no exact zeros, so there is no sparsity to "
+                "preserve (zeros lost by an earlier fine-tune or merge, or the model was never pruned); prune it "
+                "first, or pass masks=",
+                SparsityLostWarning,
+                stacklevel=3,
+            )
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.mask_gradients()
@@ -281,6 +298,9 @@ class GradualPruningCallback(SparsityPreservingCallback):
         for handle in self._hooks:
             handle.remove()
         self._hooks, self._sumsq = [], {}
+
+    def _warn_if_nothing_to_keep(self) -> None:
+        """Nothing to warn about: gradual pruning may start from a dense model."""
 
     # -- Trainer events -------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):

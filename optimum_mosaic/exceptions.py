@@ -24,3 +24,7 @@ class OutputDirectoryError(MosaicError, ValueError):
 class SparsityLostError(MosaicError, ValueError):
     """The weights hold fewer zeros than the prune left (e.g. fine-tuned without the masks): a card would claim
     sparsity they no longer have."""
+
+
+class SparsityLostWarning(UserWarning):
+    """A model holds fewer exact zeros than its prune left (fine-tuned without the masks, merged without them)."""

@@ -33,12 +33,18 @@ _WEIGHT_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.in
 
 
 # -- push ---------------------------------------------------------------------------------------------
+def _source_card(source: str | None) -> str | None:
+    """The card of the Mosaic checkpoint the model was loaded from (its edits outside our section are kept)."""
+    readme = Path(str(source or "")) / "README.md"
+    return readme.read_text(encoding="utf-8") if source and is_mosaic_dir(readme.parent) else None
+
+
 def _copy_companions(source: str | None, target: Path) -> None:
-    """Tokenizer files (and a Mosaic checkpoint's README.md) of the directory the model was loaded from."""
+    """Tokenizer files of the directory the model was loaded from."""
     source_dir = Path(str(source or ""))
     if not source or not source_dir.is_dir():
         return
-    patterns = TOKENIZER_FILES + (("README.md",) if is_mosaic_dir(source_dir) else ())
+    patterns = TOKENIZER_FILES
     for file in source_dir.iterdir():
         if (
             file.is_file()
@@ -65,7 +71,8 @@ def _checkpoint(model_or_dir, tokenizer):
     model_record(model)  # a clear error for a model without a pruning record
     with tempfile.TemporaryDirectory(prefix="mosaic-push-") as tmp:
         target = Path(tmp) / "checkpoint"
-        save_pruned(model, tokenizer, target)  # measures the sparsity from the weights it writes
+        name_or_path = getattr(model, "name_or_path", None)  # measures the sparsity from the weights it writes:
+        save_pruned(model, tokenizer, target, card=_source_card(name_or_path))
         _copy_companions(getattr(model, "name_or_path", None), target)
         yield target, getattr(model, "name_or_path", None)
 
@@ -86,6 +93,7 @@ def check_pushable(directory: Path, force: bool = False) -> None:
                 f"{name}: the weights in {directory} hold {found} zeros but {directory / SIDECAR_NAME} records "
                 f"{recorded}; the card would state the wrong numbers. Re-save the model (model.save_pretrained) first."
             )
+    _check_summary(directory)
     report = sidecar["report"]
     after_prune, now = report.get("sparsity_after_prune"), report["achieved_sparsity"]
     if after_prune is not None and now < after_prune - 1e-6 and not force:
@@ -95,6 +103,19 @@ def check_pushable(directory: Path, force: bool = False) -> None:
             "optimum_mosaic.adapters.merge_and_remask). Re-apply the masks, or push with force=True (--force) to "
             "publish the measured sparsity with a warning in the card."
         )
+
+
+def _check_summary(directory: Path) -> None:
+    """Load the checkpoint with its checks: a sidecar whose sparsity figures its weights contradict (edited) is
+    refused before any of its figures reach a card (``CheckpointMismatchError``)."""
+    import warnings
+
+    from .exceptions import SparsityLostWarning
+    from .modeling import PrunedModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SparsityLostWarning)  # refused or stated below, with the fix
+        PrunedModelForCausalLM.from_pretrained(directory, dtype="auto")
 
 
 def _remote_card(api, repo_id: str, revision: str | None) -> str | None:

@@ -2,9 +2,8 @@
 
 ``render_card`` builds a ``huggingface_hub.ModelCard`` from a checkpoint's ``mosaic_config.json`` (method,
 hyper-parameters, per-layer × per-projection sparsity, calibration, perplexity, size) with the Jinja template;
-it makes no network call. An existing card is extended, not overwritten: its text and metadata stay, tags are
-merged, and only the section between the optimum-mosaic markers is added or replaced, so rendering twice
-gives the same card.
+it makes no network call. An existing card is extended: its text and metadata stay, tags are merged, and only
+the section between the optimum-mosaic markers is added or replaced (rendering twice gives the same card).
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+CARD_NAME = "README.md"
 MARK_START = "<!-- optimum-mosaic:start -->"
 MARK_END = "<!-- optimum-mosaic:end -->"
 TAGS = ("pruned", "sparse", "mosaic", "optimum-mosaic")
@@ -42,6 +42,8 @@ _PRUNERS = {
     "wanda": "smallest magnitude × input-activation norm in each output row",
     "sparsegpt": "SparseGPT, second-order pruning with weight updates",
     "alps": "ALPS, ADMM layer-wise pruning with conjugate-gradient refinement",
+    "alps_warm": "ALPS started from SparseGPT's solution: a few ADMM iterations, then a conjugate-gradient refit",
+    "sparsegpt_refit": "SparseGPT's mask, then the kept weights refitted by least squares (conjugate gradient)",
     "apt": "APT-style joint multi-weight OBS pruning per column block",
 }
 
@@ -71,7 +73,6 @@ def _human_bytes(n: int) -> str:
         if n < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1000
-    return ""  # unreachable
 
 
 _PACKED = (".weight_bitmaps", ".weight_values", ".weight_offsets")  # a projection in the bitmap format
@@ -141,9 +142,8 @@ def _facts_from_model(model) -> _Facts:
 
 
 def is_mosaic_dir(path: Path) -> bool:
-    from .configuration import SIDECAR_NAME
-
-    return str(path) not in ("", ".") and (path / SIDECAR_NAME).is_file() and (path / "README.md").is_file()
+    """A Mosaic checkpoint with a card (``mosaic_config.json`` and README.md)."""
+    return str(path) not in ("", ".") and (path / "mosaic_config.json").is_file() and (path / CARD_NAME).is_file()
 
 
 def looks_like_repo_id(text: str | None) -> bool:
@@ -185,7 +185,7 @@ def _hyperparameters(config: dict, report: dict) -> list[list[str]]:
         ["M (outlier threshold)", _searched(report.get("outlier_threshold"), config.get("outlier_threshold"), "M")],
         ["pattern", f"`{config['pattern']}`"],
         ["structured sparsity β", structured],
-        ["calibration windows", f"{config['nsamples']} × {config['seqlen']} tokens, seed {config['seed']}"],
+        ["calibration windows", _windows(report)],
         ["pruned projections", ", ".join(config["targets"])],
     ]
     if config.get("ignore"):
@@ -193,6 +193,14 @@ def _hyperparameters(config: dict, report: dict) -> list[list[str]]:
     if config["pruner"] == "sparsegpt":
         rows.append(["SparseGPT", f"dampening {config['dampening']:g}, block size {config['block_size']}"])
     return rows
+
+
+def _windows(report: dict) -> str:
+    """The windows the prune read (from the report's calibration record, as the calibration section)."""
+    cal = report.get("calibration") or {}
+    if not cal:
+        return "none (this allocation and pruner need no data)"
+    return f"{cal['nsamples']} × {cal['seqlen']} tokens, seed {cal['seed']}"
 
 
 def _source(source: dict) -> str:
@@ -347,9 +355,12 @@ def render(facts: _Facts, base_model, existing, repo_id, tags):
     from huggingface_hub import ModelCard, ModelCardData
 
     explicit = base_model is not None
+    source = facts.sidecar["report"].get("source") or {}
+    if base_model is None and looks_like_repo_id(source.get("base_model")):
+        base_model = source["base_model"]
     if base_model is None and looks_like_repo_id(facts.name_or_path):
         base_model = facts.name_or_path
-    licence = (facts.sidecar["report"].get("source") or {}).get("licence")
+    licence = source.get("licence")
     data = ModelCardData(
         license=licence,
         base_model=base_model,
@@ -379,3 +390,11 @@ def render_card(checkpoint_dir_or_model, base_model: str | None = None, existing
     else:
         facts = _facts_from_model(checkpoint_dir_or_model)
     return render(facts, base_model, existing, repo_id, tags)
+
+
+def write_card(directory: Path, name: str, existing: str | None = None) -> None:
+    """Write the card of the checkpoint in ``directory`` (``name``: the model's name in its title) as README.md,
+    extending ``existing`` (an earlier card's text: only its optimum-mosaic section is replaced)."""
+    facts = facts_from_dir(Path(directory))
+    facts.name, facts.card = name, None
+    (Path(directory) / CARD_NAME).write_text(str(render(facts, None, existing, None, None)), encoding="utf-8")

@@ -69,12 +69,33 @@ class PrunedModelForCausalLM:
 
             to_sparse_kernel(model)
         model.mosaic_config = PrunedConfig.from_dict(sidecar["config"])
-        model.mosaic_report = PruningReport.from_dict(sidecar["report"])
+        model.mosaic_report = _checked_report(model, Path(path), sidecar, check_sparsity and quantization_config is None)
         model.mosaic_sidecar = sidecar
         from .hub import attach_hub_methods
 
         attach_hub_methods(model)
         return model
+
+
+def _checked_report(model, path: Path, sidecar: dict, check: bool) -> PruningReport:
+    """The sidecar's report with its sparsity figures counted again from the loaded weights; with ``check``, a
+    sidecar whose figures the weights contradict (edited, or from another prune) is refused. A quantized model is
+    not recounted (quantization adds zeros): its zero total was checked against the full-precision files."""
+    from .report import measured_report, summary_mismatch, warn_if_zeros_lost
+
+    stated = PruningReport.from_dict(sidecar["report"])
+    if getattr(model, "hf_quantizer", None) is not None:
+        return stated
+    measured = measured_report(model, model.mosaic_config, stated)
+    problem = summary_mismatch(stated, measured)
+    if problem and check:
+        raise CheckpointMismatchError(
+            f"{path / SIDECAR_NAME} states sparsity figures its weights contradict ({problem}): the sidecar was "
+            "edited or belongs to another prune. Re-save the model (model.save_pretrained), or load with "
+            "check_sparsity=False to take the figures counted from the weights."
+        )
+    warn_if_zeros_lost(measured, f"loading {path}")
+    return measured
 
 
 def _check_sparse_options(path: Path, compressed: bool, sparse_kernel: bool, quantization_config, kwargs) -> None:

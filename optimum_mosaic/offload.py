@@ -159,7 +159,7 @@ def prune_offloaded(pruner, config, calibration_dataset, save_directory, batch_s
     (atomically: a staging directory renamed at the end). Returns the model skeleton (layers on ``meta``)."""
     from .calibration.distributed import world
     from .registry import get_method
-    from .serialization import atomic_directory, save_offloaded
+    from .serialization import checkpoint_directory, save_offloaded
 
     unsupported = {
         "save_directory is required (the pruned layers are written there)": save_directory is None,
@@ -173,9 +173,9 @@ def prune_offloaded(pruner, config, calibration_dataset, save_directory, batch_s
     if problems:
         raise ValueError("offloaded pruning: " + "; ".join(problems))
     store = pruner.store
-    with atomic_directory(save_directory, overwrite) as staging:
+    with checkpoint_directory(save_directory, overwrite) as staging:
         store.output = staging
         pruner._run(config, calibration_dataset, batch_size)
-        save_offloaded(store, pruner.model, pruner.tokenizer, staging, config, pruner.report)
+        save_offloaded(store, pruner.model, pruner.tokenizer, staging, Path(save_directory), config, pruner.report)
     store.output = Path(save_directory)
     return pruner.model

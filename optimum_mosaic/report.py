@@ -140,6 +140,46 @@ def measured_report(model, config, report: PruningReport) -> PruningReport:
     )
 
 
+_SUMMARY = ("achieved_sparsity", "structured_sparsity", "per_type", "per_layer", "per_projection")
+
+
+def summary_mismatch(stated: PruningReport, measured: PruningReport, tol: float = 2e-6) -> str | None:
+    """The first sparsity figure of ``stated`` (a sidecar's report) that the weights' recount ``measured``
+    contradicts, as ``"field: stated X, counted Y"``; None when every figure agrees (to the stored rounding)."""
+
+    def flat(value, prefix):
+        if isinstance(value, dict):
+            return {k: v for key, sub in value.items() for k, v in flat(sub, f"{prefix}[{key}]").items()}
+        return {prefix: value}
+
+    for name in _SUMMARY:
+        want, got = flat(getattr(stated, name), name), flat(getattr(measured, name), name)
+        for key in sorted(set(want) | set(got)):
+            a, b = want.get(key), got.get(key)
+            if a is None or b is None or not isinstance(a, (int, float)) or abs(float(a) - float(b)) > tol:
+                return f"{key}: stated {a!r}, counted {b!r}"
+    return None
+
+
+def warn_if_zeros_lost(report: PruningReport, context: str) -> bool:
+    """Warn (one line, ``SparsityLostWarning``) when the weights hold fewer zeros than the prune left."""
+    import warnings
+
+    from .exceptions import SparsityLostWarning
+
+    after = report.sparsity_after_prune
+    if after is None or report.achieved_sparsity >= after - 1e-6:
+        return False
+    warnings.warn(
+        f"{context}: the weights hold sparsity {report.achieved_sparsity:.4f} but the prune left {after:.4f} — zeros "
+        "were lost (fine-tuning without SparsityPreservingCallback, or peft's merge_and_unload instead of "
+        "optimum_mosaic.adapters.merge_and_remask)",
+        SparsityLostWarning,
+        stacklevel=3,
+    )
+    return True
+
+
 def _spec(model):
     from .architectures import get_arch_spec
 

@@ -62,7 +62,7 @@ def test_a_failed_save_pretrained_keeps_the_previous_checkpoint(pruned, tmp_path
 
     model, path = pruned
     before = {p.name: p.read_bytes() for p in path.iterdir()}
-    monkeypatch.setattr(serialization, "_write_sidecar", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(serialization, "write_record", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(path)
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
