@@ -1,12 +1,15 @@
 """Prune with the calibration spread over several processes, then save from rank 0.
 
 Each process runs the model over its share of the calibration windows; the statistics are sums (‖X_j‖², XᵀX),
-all-reduced over gloo before use, so every process prunes the same weights and ends with the model (and masks)
-that one process would produce.
+all-reduced over gloo before use, so every process prunes the same weights and ends with the same model. That
+model (and its masks) is the one a single process produces only when every process and the single process use
+the same number of torch threads: the float32 forwards round differently at another thread count, and weights
+near the threshold then change sides. The launchers and a plain ``python`` run pick different counts when
+``OMP_NUM_THREADS`` is unset, so set it for every run you compare:
 
-accelerate launch --config_file integrations/accelerate/cpu_2proc.yaml examples/distributed_prune.py --output out
-torchrun --nproc_per_node 2 examples/distributed_prune.py --output out
-python examples/distributed_prune.py --output out  # one process: the same model
+OMP_NUM_THREADS=1 accelerate launch --config_file integrations/accelerate/cpu_2proc.yaml examples/distributed_prune.py --output out
+OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 examples/distributed_prune.py --output out
+OMP_NUM_THREADS=1 python examples/distributed_prune.py --output out  # one process: the same model
 """
 
 import argparse
