@@ -69,7 +69,7 @@ class PrunedModelForCausalLM:
 
             to_sparse_kernel(model)
         model.mosaic_config = PrunedConfig.from_dict(sidecar["config"])
-        model.mosaic_report = _checked_report(model, Path(path), sidecar, check_sparsity and quantization_config is None)
+        model.mosaic_report = _checked_report(model, Path(path), sidecar, check_sparsity)
         model.mosaic_sidecar = sidecar
         from .hub import attach_hub_methods
 
@@ -85,9 +85,11 @@ def _checked_report(model, path: Path, sidecar: dict, check: bool) -> PruningRep
 
     stated = PruningReport.from_dict(sidecar["report"])
     if getattr(model, "hf_quantizer", None) is not None:
-        return stated
-    measured = measured_report(model, model.mosaic_config, stated)
-    problem = summary_mismatch(stated, measured)
+        problem = _global_mismatch(stated, sidecar, model.mosaic_config)
+        measured = stated
+    else:
+        measured = measured_report(model, model.mosaic_config, stated)
+        problem = summary_mismatch(stated, measured)
     if problem and check:
         raise CheckpointMismatchError(
             f"{path / SIDECAR_NAME} states sparsity figures its weights contradict ({problem}): the sidecar was "
@@ -96,6 +98,23 @@ def _checked_report(model, path: Path, sidecar: dict, check: bool) -> PruningRep
         )
     warn_if_zeros_lost(measured, f"loading {path}")
     return measured
+
+
+def _global_mismatch(stated: PruningReport, sidecar: dict, config: PrunedConfig) -> str | None:
+    """The global sparsity recounted from the sidecar's per-module zeros (checked against the files) when every
+    projection was a target: (zeros + removed weights) / dense weights."""
+    import math
+
+    from .architectures import PROJECTIONS
+
+    if not stated.dense_shapes or config.ignore or set(config.targets) != set(PROJECTIONS):
+        return None
+    dense = sum(math.prod(shape) for shape in stated.dense_shapes.values())
+    removed = dense - sum(math.prod(shape) for shape in sidecar["shapes"].values())
+    counted = (sum(sidecar["zeros"].values()) + removed) / max(1, dense)
+    if abs(counted - stated.achieved_sparsity) > 2e-6:
+        return f"achieved_sparsity: stated {stated.achieved_sparsity!r}, counted {round(counted, 6)!r}"
+    return None
 
 
 def _check_sparse_options(path: Path, compressed: bool, sparse_kernel: bool, quantization_config, kwargs) -> None:

@@ -252,3 +252,14 @@ print("LOADED", type(AutoTokenizer.from_pretrained({str(ck)!r})).__name__)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, stdin=subprocess.DEVNULL,
                           timeout=300)
     assert "LOADED" in done.stdout and "custom code" not in done.stdout + done.stderr, done.stderr[-2000:]
+
+
+def test_an_edited_sidecar_is_refused_at_a_quantized_load(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    ck = tmp_path / "ck"
+    prune(target=ck)
+    edit_sidecar(ck, achieved_sparsity=0.9)
+    with pytest.raises(CheckpointMismatchError, match=r"achieved_sparsity: stated 0\.9, counted 0\.5"):
+        PrunedModelForCausalLM.from_pretrained(ck, quantization_config=BitsAndBytesConfig(load_in_8bit=True))
