@@ -16,6 +16,7 @@ import time
 import typing
 
 from . import __version__
+from .cli_checks import check_prune_args, error_line  # noqa: F401  (error_line: re-exported)
 from .configuration import PrunedConfig
 from .registry import BUILTIN_METHODS
 
@@ -33,6 +34,7 @@ _TOGETHER = """options that go together:
   --lamda/--outlier-threshold auto (the default for --allocation projection) only with projection or
                               projection_official; --search-samples sets how many held-out windows score them
   --structured-units          only with --structured-sparsity > 0
+  --tokenizer                 for a --model that holds none (saved by model.save_pretrained alone)
   --dampening, --block-size, --saliency   only used by --pruner sparsegpt
   --hessian-samples           only used by --allocation sensitivity_hutchinson
   --batch-size                only used with --sequential layer (projection runs all windows as one batch)
@@ -110,6 +112,7 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--offload", action="store_true", help="decoder layers stay on disk, one resident at a time")
     parser.add_argument("--calibration-text", default=None, help="UTF-8 text file to calibrate on (default: bundled)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory or Hub id (default: the model's own)")
     parser.add_argument(
         "--compressed",
         action="store_true",
@@ -127,6 +130,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = _Formatter
     parser.add_argument("--model", default="smollm2-135m", help=f"a checkpoint directory or alias: {_ALIASES}")
     parser.add_argument("--text", default=None, help="a UTF-8 text file (default: the bundled evaluation novel)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory or Hub id (default: the model's own)")
     parser.add_argument("--seqlen", type=int, default=2048, help="tokens per window")
     parser.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows")
 
@@ -143,59 +147,22 @@ def add_push_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="push even if the weights lost zeros since the prune")
 
 
-# -- checks made before any model is loaded ------------------------------------------------------------------
-def _check_prune_args(args, config: PrunedConfig) -> None:
-    from .validation import check_device, check_model_path, check_positive_int, read_text_file
-
-    if not args.output and not args.no_save:
-        raise ValueError("--output: give --output DIR to save the pruned model, or --no-save to only print the table")
-    if args.offload and (not args.output or args.eval_windows):
-        raise ValueError(
-            "--offload writes to --output and cannot evaluate in memory: give --output, drop --eval-windows"
-        )
-    if args.offload and args.compressed:
-        raise ValueError("--offload writes dense layer shards; drop --compressed (re-save the result compressed later)")
-    check_positive_int("--batch-size", args.batch_size)
-    if args.eval_windows < 0:
-        raise ValueError(f"--eval-windows: must be >= 0, got {args.eval_windows}")
-    if args.eval_text and not args.eval_windows:
-        raise ValueError("--eval-text: give --eval-windows N (> 0) to evaluate on it")
-    if args.device is not None:
-        check_device(args.device)
-    args.model = check_model_path(args.model)
-    args.calibration_data = (
-        read_text_file("--calibration-text", args.calibration_text) if args.calibration_text else None
-    )
-    args.eval_data = read_text_file("--eval-text", args.eval_text) if args.eval_text else None
-    if args.output:
-        from .serialization import check_output_dir
-
-        check_output_dir(args.output, args.overwrite)
-    _check_seqlen(args.model, config.seqlen)
-
-
-def _check_seqlen(model: str, seqlen: int) -> None:
-    from pathlib import Path
-
-    from .validation import check_seqlen
-
-    if Path(model).is_dir():  # an alias is fetched later; its positions (8192, 32768) exceed any sane seqlen
-        from transformers import AutoConfig
-
-        check_seqlen("--seqlen", seqlen, AutoConfig.from_pretrained(model))
-
-
 # -- sub-commands -----------------------------------------------------------------------------------------------
 def run_prune(args) -> dict:
     config = config_from_args(args)
-    _check_prune_args(args, config)
+    check_prune_args(args, config)
     if args.no_save:
         print("--no-save: the pruned model is not saved (pass --output DIR to keep it)", file=sys.stderr)
     if args.offload:
         return _run_prune_offloaded(args, config)
+    from .cli_checks import check_free_space, load_tokenizer, writing
     from .pruner import Pruner
 
     pruner = Pruner.from_pretrained(args.model, device=args.device)
+    if args.tokenizer:
+        pruner.tokenizer = load_tokenizer(args.tokenizer)
+    if args.output:  # before the prune: a save that cannot fit fails now, not after all the work
+        check_free_space(pruner.model, args.output, args.compressed, config.sparsity)
     before = _evaluate(pruner, args, config.seqlen)
     dense_params = _nonzero(pruner.model)
     start = time.perf_counter()
@@ -210,7 +177,8 @@ def run_prune(args) -> dict:
         from .serialization import save_pruned
 
         options = dict(overwrite=args.overwrite, compressed=args.compressed)
-        save_pruned(pruner.model, pruner.tokenizer, args.output, config, report, **options)
+        with writing(args.output):
+            save_pruned(pruner.model, pruner.tokenizer, args.output, config, report, **options)
     _print_summary(args, config, report, dense_params, _nonzero(pruner.model), elapsed)
     return {"before": before.get("perplexity"), "after": after.get("perplexity"), "report": report.to_dict()}
 
@@ -269,10 +237,14 @@ def _print_summary(args, config, report, dense_params: int, params: int, elapsed
 
 def _run_prune_offloaded(args, config) -> dict:
     """``--offload``: the pruned layers go straight to ``--output``; nothing is evaluated in memory."""
+    from .cli_checks import load_tokenizer, writing
     from .pruner import Pruner
 
     pruner = Pruner.from_pretrained(args.model, device=args.device, offload=True)
-    pruner.prune(config, args.calibration_data, args.output, args.batch_size, overwrite=args.overwrite)
+    if args.tokenizer:
+        pruner.tokenizer = load_tokenizer(args.tokenizer)
+    with writing(args.output):
+        pruner.prune(config, args.calibration_data, args.output, args.batch_size, overwrite=args.overwrite)
     report = pruner.report
     print(f"Pruned {args.model} offloaded: sparsity {report.achieved_sparsity}, {report.timings['total_s']} s. "
           f"Saved to {args.output}")  # fmt: skip
@@ -284,31 +256,36 @@ def run_eval(args) -> float:
     (``PrunedModelForCausalLM``: shapes and zeros against the sidecar), anything else loads as a plain model."""
     from pathlib import Path
 
-    from .validation import check_model_path, check_positive_int, read_text_file
+    from .cli_checks import check_seqlen, load_tokenizer
+    from .validation import check_hub_model, check_model_path, check_positive_int, check_text_file, has_tokenizer
 
     check_positive_int("--seqlen", args.seqlen)
     if args.max_windows is not None:
         check_positive_int("--max-windows", args.max_windows)
     path = check_model_path(args.model)
-    text = read_text_file("--text", args.text) if args.text else None
+    text = check_text_file("--text", args.text, "evaluation") if args.text else None  # read as far as evaluated
+    if not args.tokenizer and not has_tokenizer(path):
+        from .validation import no_tokenizer_error
+
+        raise no_tokenizer_error(path, "the evaluation text must be tokenised")
+    check_hub_model(path)
     from .evaluation import perplexity
     from .serialization import is_checkpoint
 
     if Path(path).is_dir() and is_checkpoint(path):
-        from transformers import AutoTokenizer
-
         from .modeling import PrunedModelForCausalLM
-        from .validation import check_seqlen
+        from .validation import check_seqlen as check_positions
 
+        tokenizer = load_tokenizer(args.tokenizer or path, "--tokenizer" if args.tokenizer else "model")
         model = PrunedModelForCausalLM.from_pretrained(path)
-        check_seqlen("--seqlen", args.seqlen, model.config)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        check_positions("--seqlen", args.seqlen, model.config)
     else:
         from .pruner import Pruner
 
-        _check_seqlen(path, args.seqlen)
+        check_seqlen(path, args.seqlen)
         pruner = Pruner.from_pretrained(path)
-        model, tokenizer = pruner.model, pruner.tokenizer
+        model = pruner.model
+        tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else pruner.tokenizer
     ppl = perplexity(model, tokenizer, text, seqlen=args.seqlen, max_windows=args.max_windows)
     print(json.dumps({"model": args.model, "seqlen": args.seqlen, "perplexity": round(ppl, 4)}))
     return ppl
@@ -350,24 +327,6 @@ def build_parser(prog: str = "optimum-mosaic") -> argparse.ArgumentParser:
     for name, (help_text, add_arguments, _) in SUBCOMMANDS.items():
         add_arguments(sub.add_parser(name, help=help_text, description=help_text))
     return parser
-
-
-def error_line(err: BaseException) -> str | None:
-    """The one-line message of an expected error, or None for a bug (which keeps its traceback)."""
-    status = getattr(getattr(err, "response", None), "status_code", None)
-    if status == 401:
-        return (
-            "the Hub refused the request (401 Unauthorized): log in with `hf auth login`, set HF_TOKEN, or pass "
-            "--token (a token with write access to push)"
-        )
-    from huggingface_hub.errors import HfHubHTTPError
-
-    if isinstance(err, HfHubHTTPError):
-        return f"the Hub answered {status}: {str(err).splitlines()[0]}"
-    if isinstance(err, (ValueError, OSError, ImportError)):
-        text = str(err).strip() or type(err).__name__
-        return " ".join(text.split())
-    return None
 
 
 def run(name: str, args: argparse.Namespace) -> int:

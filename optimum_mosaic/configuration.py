@@ -300,11 +300,9 @@ class PrunedConfig:
                 re.compile(pattern)
             except re.error as err:
                 raise ValueError(f"ignore: {pattern!r} is not a valid regular expression ({err})") from None
-        _check(
-            self.format_version in FORMAT_VERSIONS,
-            "format_version",
-            f"this version of optimum-mosaic reads formats {FORMAT_VERSIONS}, got {self.format_version}; upgrade optimum-mosaic",
-        )
+        problem = format_version_problem(self.format_version)
+        if problem:
+            raise ValueError(problem)
 
     # -- JSON ---------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -347,6 +345,22 @@ def _check(ok: bool, name: str, message: str) -> None:
         raise ValueError(f"{name}: {message}")
 
 
+_MISSING = object()
+
+
+def format_version_problem(version) -> str | None:
+    """Why ``version`` is no sidecar format this optimum-mosaic reads, with what to do; None when it is one."""
+    if _is_int(version) and version in FORMAT_VERSIONS:
+        return None
+    if _is_int(version) and version > max(FORMAT_VERSIONS):
+        return f"format_version {version} is from a newer optimum-mosaic. Upgrade optimum-mosaic (pip install -U)."
+    given = "is missing" if version is _MISSING else f"{version!r} ({type(version).__name__}) is no format number"
+    return (
+        f"format_version {given} (optimum-mosaic writes the integer 1, dense, or 2, compressed): the file was "
+        "edited or damaged, or not written by optimum-mosaic; restore the number or re-save the checkpoint"
+    )
+
+
 def read_sidecar(directory: str | Path) -> dict:
     """The checkpoint's ``mosaic_config.json``; a missing, malformed or too new file is a
     ``CheckpointMismatchError`` that names it."""
@@ -367,11 +381,9 @@ def read_sidecar(directory: str | Path) -> dict:
         raise CheckpointMismatchError(
             f"{path} holds a {type(data).__name__}, not the sidecar object; re-save the checkpoint"
         )
-    version = data.get("format_version")
-    if version not in FORMAT_VERSIONS:
-        raise CheckpointMismatchError(
-            f"{path} has format_version {version!r}; this optimum-mosaic reads {FORMAT_VERSIONS}. Upgrade optimum-mosaic."
-        )
+    problem = format_version_problem(data.get("format_version", _MISSING))
+    if problem:
+        raise CheckpointMismatchError(f"{path}: {problem}")
     missing = [k for k in ("config", "report", "shapes", "zeros") if not isinstance(data.get(k), dict)]
     if missing:
         raise CheckpointMismatchError(f"{path} lacks {missing} (or they are not objects): re-save the checkpoint")

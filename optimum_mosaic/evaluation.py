@@ -11,7 +11,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from .calibration.data import bos_id, load_default_corpus, split_windows, tokenize
+from .calibration.data import CHUNK_CHARS, bos_id, load_default_corpus, split_windows, tokenize
 
 LOGIT_BUDGET = 1 << 26  # fp32 logits held at once (256 MiB): 256 tokens of Gemma-3's 262,144-entry vocabulary
 
@@ -75,9 +75,15 @@ def perplexity(
 
 def evaluation_windows(tokenizer, text=None, seqlen: int = 2048, max_windows: int | None = None) -> torch.Tensor:
     """The ``[n, seqlen]`` windows ``perplexity`` evaluates: the first ``max_windows`` of the text (fewer when the
-    text holds fewer; ``n`` is what a report must state)."""
+    text holds fewer; ``n`` is what a report must state). ``text``: a str, a text file (``os.PathLike``, read only
+    as far as the windows reach), token ids, or None for the bundled novel."""
+    chunk = None if text is None else CHUNK_CHARS  # the bundled novel is tokenised whole
     text = load_default_corpus("evaluation") if text is None else text
-    windows = split_windows(tokenize(tokenizer, text), seqlen, bos_id(tokenizer))
+    if tokenizer is None and not isinstance(text, torch.Tensor):
+        raise ValueError("evaluation text needs a tokenizer: pass one, or token ids (torch.Tensor)")
+    bos = bos_id(tokenizer) if tokenizer is not None else None
+    limit = None if max_windows is None else max_windows * (seqlen - (bos is not None))  # read only what is scored
+    windows = split_windows(tokenize(tokenizer, text, limit, "evaluation text", chunk), seqlen, bos)
     if max_windows is not None:
         windows = windows[:max_windows]
     if windows.shape[0] == 0:

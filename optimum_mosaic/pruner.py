@@ -310,6 +310,11 @@ def _tokenizer(path, **kwargs):
     """The checkpoint's tokenizer, or None (then calibrate with token ids) when it ships none."""
     from transformers import AutoTokenizer
 
+    from .validation import has_tokenizer
+
+    if not kwargs and not has_tokenizer(path):  # transformers' own error would ask to install sentencepiece
+        logger.warning("%s holds no tokenizer; calibrate with token ids, or pass Pruner(model, tokenizer)", path)
+        return None
     try:
         return AutoTokenizer.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:

@@ -53,6 +53,9 @@ class QuantizationReport:
         return out
 
 
+BNB_4BIT_TYPES = ("nf4", "fp4")  # the 4-bit data types bitsandbytes implements
+
+
 def describe(quantization_config) -> str:
     """``bnb-4bit-nf4``, ``bnb-8bit`` or the config's ``quant_method``."""
     if getattr(quantization_config, "load_in_4bit", False):
@@ -92,6 +95,12 @@ def normalise_quantization_config(quantization_config):
         raise ValueError(
             "quantization_config: this BitsAndBytesConfig enables nothing; pass load_in_8bit=True or "
             "load_in_4bit=True, or drop quantization_config for the full-precision model"
+        )
+    kind = quantization_config.bnb_4bit_quant_type
+    if quantization_config.load_in_4bit and kind not in BNB_4BIT_TYPES:
+        raise ValueError(
+            f"quantization_config: bnb_4bit_quant_type {kind!r} is not a bitsandbytes 4-bit type; use one of "
+            f"{', '.join(map(repr, BNB_4BIT_TYPES))}"
         )
     return quantization_config
 

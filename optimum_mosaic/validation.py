@@ -28,6 +28,8 @@ def check_device(device):
     """``torch.device(device)`` after checking it exists here (``'cuda'`` without CUDA, ``'gpu'`` are errors)."""
     if isinstance(device, str) and device.split(":", 1)[0] not in _DEVICE_TYPES:
         raise InputError(f"device: {device!r} is not a torch device; use 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    if str(device).split(":", 1)[0] == "meta":  # shapes without data: nothing can be calibrated or pruned there
+        raise InputError(f"device: {device!r} holds no data (tensors there have shapes only); use 'cpu' or 'cuda'")
     import torch
 
     try:
@@ -73,6 +75,45 @@ def check_model_path(name) -> str:
     return text
 
 
+def check_hub_model(name: str, timeout: float = 10.0) -> None:
+    """For a Hub id ``owner/name`` that is about to be loaded: one quick request (or, offline, a look in the cache)
+    so that a missing repository or an unreachable Hub is one line at once (transformers retries the download for
+    half a minute first). An unreachable Hub with the model cached switches this process to offline mode."""
+    if Path(name).expanduser().exists() or name.count("/") != 1:
+        return  # a local directory or a packaged alias
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    from .exceptions import is_network_error
+
+    cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    if constants.HF_HUB_OFFLINE:
+        if not cached:
+            raise InputError(
+                f"model: {name!r} is not in the local Hub cache and HF_HUB_OFFLINE is set: unset HF_HUB_OFFLINE to "
+                "download it, or give a local checkpoint directory"
+            )
+        return
+    try:
+        HfApi().model_info(name, timeout=timeout)
+    except RepositoryNotFoundError:
+        raise InputError(
+            f"model: {name!r} is no local directory, no packaged alias and no model on the Hub (or a private one: log "
+            "in with `hf auth login` or set HF_TOKEN); check the name"
+        ) from None
+    except HfHubHTTPError:
+        return  # gated, rate-limited...: the load itself says what it is
+    except Exception as err:
+        if not is_network_error(err):
+            raise
+        if not cached:
+            raise InputError(
+                f"model: cannot reach the Hugging Face Hub at {constants.ENDPOINT} ({err}) to fetch {name!r}, and it "
+                "is not in the local cache: check the network connection (or HF_ENDPOINT), or give a local directory"
+            ) from None
+        constants.HF_HUB_OFFLINE = True  # the cached copy, without half a minute of retries first
+
+
 def check_positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InputError(f"{name}: must be an integer >= 1, got {value!r}")
@@ -80,13 +121,44 @@ def check_positive_int(name: str, value) -> int:
 
 
 def read_text_file(name: str, path) -> str:
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise InputError(f"{name}: {str(path)!r} is not a file")
+    path = check_text_file(name, path)
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise InputError(f"{name}: {path} is not UTF-8 text ({err})") from None
+
+
+def check_text_file(name: str, path, what: str = "calibration") -> Path:
+    """An existing UTF-8 text file with text in it, as a ``Path`` (read later in pieces, as far as needed); only
+    its start is read here (up to the first piece with text: bounded memory whatever its size)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise InputError(f"{name}: {str(path)!r} is not a file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            while piece := f.read(1 << 20):
+                if not piece.isspace():
+                    return path
+    except UnicodeDecodeError as err:
+        raise InputError(f"{name}: {path} is not UTF-8 text ({err})") from None
+    raise InputError(f"{name}: {path} is empty (no text in it): give a UTF-8 file with the {what} text")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def has_tokenizer(path) -> bool:
+    """Whether a local checkpoint directory holds a tokenizer (a Hub id or alias is assumed to)."""
+    folder = Path(path)
+    return not folder.is_dir() or any((folder / name).is_file() for name in TOKENIZER_FILES)
+
+
+def no_tokenizer_error(path, why: str) -> InputError:
+    return InputError(
+        f"model: {path} holds no tokenizer (no tokenizer.json or tokenizer_config.json: model.save_pretrained(dir) "
+        f"saves none), and {why}: pass --tokenizer DIR_OR_HUB_ID (the tokenizer of the model it came from), or save "
+        f"one into it with tokenizer.save_pretrained({str(path)!r})"
+    )
 
 
 def _looks_like_file_name(text: str) -> bool:
@@ -105,7 +177,7 @@ def check_calibration_data(data, tokenizer, vocab_size: int | None):
     if data is None:
         return None
     if isinstance(data, os.PathLike):
-        data = read_text_file("calibration_dataset", data)
+        data = check_text_file("calibration_dataset", data)  # read later, only as far as the windows need
     elif isinstance(data, str) and _looks_like_file_name(data):
         raise CalibrationError(
             f"calibration_dataset: the string {data!r} names a file; a str is calibrated on as text. Pass "
@@ -124,7 +196,7 @@ def check_calibration_data(data, tokenizer, vocab_size: int | None):
                 f"calibration_dataset: a list must hold str only, found {type(bad).__name__} {bad!r}; token ids go "
                 f"in a torch.Tensor (torch.tensor(ids)). Accepted: {ACCEPTED_DATA}"
             )
-    elif not (isinstance(data, str) or is_dataset):
+    elif not (isinstance(data, (str, Path)) or is_dataset):
         raise CalibrationError(f"calibration_dataset: {type(data).__name__} is not accepted; accepted: {ACCEPTED_DATA}")
     if tokenizer is None:
         raise CalibrationError(

@@ -7,7 +7,9 @@ gzipped. *Persuasion* is the evaluation text; the other five novels are the cali
 from __future__ import annotations
 
 import gzip
+import os
 from importlib import resources
+from pathlib import Path
 
 import torch
 
@@ -15,6 +17,8 @@ from ..exceptions import CalibrationError
 
 EVALUATION_NOVELS = ("persuasion",)
 CALIBRATION_NOVELS = ("emma", "mansfieldpark", "northangerabbey", "prideprejudice", "sensesensibility")
+CHUNK_CHARS = 1 << 20  # characters per tokenizer call (~25 bytes of memory each); the bundled corpus is one call
+POOL = 2  # text beyond the first chunk is read only until it holds POOL × the windows asked for
 
 
 def load_default_corpus(split: str = "calibration") -> str:
@@ -35,24 +39,83 @@ def bos_id(tokenizer) -> int | None:
     return bos if ids and ids[0] == bos else None
 
 
-def tokenize(tokenizer, data) -> torch.Tensor:
-    """One 1-D stream of token ids from a string, a list of strings, a ``datasets.Dataset`` (column
-    ``text``) or token ids (1-D, or 2-D rows that are concatenated)."""
+def tokenize(
+    tokenizer, data, limit: int | None = None, what: str = "calibration text", chunk: int | None = CHUNK_CHARS
+) -> torch.Tensor:
+    """One 1-D stream of token ids from a string, a list of strings, a ``datasets.Dataset`` (column ``text``),
+    a text file (``os.PathLike``, read in pieces) or token ids (1-D, or 2-D rows that are concatenated).
+
+    Text is tokenised in pieces of at most ``chunk`` characters, cut after a line break: a text up to that long is
+    one tokenizer call, as if tokenised whole (``chunk=None``: always whole, for the bundled corpus). ``limit``: stop
+    reading once this many tokens are read (the first piece is always read whole), so that memory is bounded
+    whatever the size of the text.
+    """
     if isinstance(data, torch.Tensor):
         return data.reshape(-1).long()
+    ids, total, blank = [], 0, True
+    for text in _chunks(_pieces(data), chunk):
+        blank = blank and text.isspace()
+        ids.append(tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0])
+        total += ids[-1].numel()
+        if limit is not None and total >= limit:
+            break
+    if blank:
+        default = "the bundled novel" if what.startswith("evaluation") else "the bundled corpus"
+        raise CalibrationError(f"the {what} is empty: pass non-empty text, or None for {default}")
+    return ids[0] if len(ids) == 1 else torch.cat(ids)
+
+
+def _pieces(data):
+    """The text of ``data`` in order: a file in pieces, the entries of a list or dataset joined by a blank line
+    (blank entries skipped)."""
+    if isinstance(data, os.PathLike):
+        path = Path(data)
+        try:
+            with open(path, encoding="utf-8") as f:
+                while piece := f.read(CHUNK_CHARS):
+                    yield piece
+        except UnicodeDecodeError as err:
+            raise CalibrationError(f"{path} is not UTF-8 text ({err})") from None
+        return
     if isinstance(data, str):
-        texts = [data]
+        rows = [data]
     elif hasattr(data, "column_names"):
         if "text" not in data.column_names:
             raise CalibrationError(f"the dataset needs a 'text' column; it has {data.column_names}")
-        texts = list(data["text"])
+        rows = (
+            (t for batch in data.iter(batch_size=1024) for t in batch["text"])
+            if hasattr(data, "iter")
+            else data["text"]
+        )
     else:
-        texts = list(data)
-    texts = [t for t in texts if t and t.strip()]
-    if not texts:
-        raise CalibrationError("the calibration data is empty: pass non-empty text, or None for the bundled corpus")
-    ids = tokenizer("\n\n".join(texts), add_special_tokens=False, return_tensors="pt").input_ids[0]
-    return ids
+        rows = data
+    first = True
+    for text in rows:
+        if text and text.strip():
+            if not first:
+                yield "\n\n"
+            yield text
+            first = False
+
+
+def _chunks(pieces, chunk: int | None = CHUNK_CHARS):
+    """The concatenated ``pieces`` as strings of at most ``chunk`` characters, each cut after the last line break
+    (else space) in it; a text of at most ``chunk`` characters (any text if ``chunk`` is None) is one string."""
+    pending, size = [], 0
+    for piece in pieces:
+        pending.append(piece)
+        size += len(piece)
+        if chunk is None or size <= chunk:
+            continue
+        text, start = "".join(pending), 0
+        while len(text) - start > chunk:
+            end = start + chunk
+            cut = text.rfind("\n", start, end) + 1 or text.rfind(" ", start, end) + 1 or end
+            yield text[start:cut]
+            start = cut
+        pending, size = [text[start:]], len(text) - start
+    if size:
+        yield "".join(pending)
 
 
 def split_windows(ids: torch.Tensor, seqlen: int, bos: int | None = None) -> torch.Tensor:
@@ -69,16 +132,21 @@ def sample_windows(tokenizer, data, nsamples: int, seqlen: int, seed: int, holdo
     """``(calibration, held_out)`` windows drawn without overlap by a seeded permutation.
 
     ``data=None`` uses the bundled calibration corpus; 2-D token ids of at least ``seqlen`` columns
-    are taken as windows already. Raises ``CalibrationError`` when the text holds
-    fewer than ``nsamples + holdout`` windows of ``seqlen`` tokens.
+    are taken as windows already. Text is drawn from a bounded prefix: its first ``CHUNK_CHARS`` characters, and
+    beyond them only as much as holds ``POOL × (nsamples + holdout)`` windows (so a text of any size takes bounded
+    memory; a text up to ``CHUNK_CHARS`` long, and the bundled corpus, are used whole, as before). Raises
+    ``CalibrationError`` when the text holds fewer than ``nsamples + holdout`` windows of ``seqlen`` tokens.
     """
+    chunk = None if data is None else CHUNK_CHARS  # the bundled corpus (3.6 M characters) is tokenised whole
     if data is None:
         data = load_default_corpus("calibration")
+    need = nsamples + holdout
     if isinstance(data, torch.Tensor) and data.dim() == 2 and data.shape[1] >= seqlen:
         windows = data[:, :seqlen].long()  # pre-made windows are used as they are
     else:
-        windows = split_windows(tokenize(tokenizer, data), seqlen, bos_id(tokenizer) if tokenizer else None)
-    need = nsamples + holdout
+        bos = bos_id(tokenizer) if tokenizer else None
+        limit = POOL * need * (seqlen - (bos is not None))
+        windows = split_windows(tokenize(tokenizer, data, limit, chunk=chunk), seqlen, bos)
     if windows.shape[0] < need:
         raise CalibrationError(
             f"the calibration text holds {windows.shape[0]} windows of {seqlen} tokens, but nsamples={nsamples}"
