@@ -135,6 +135,8 @@ def writing(output):
     ``SafetensorError``) becomes one ``SaveError`` line."""
     try:
         yield
+    except SaveError as err:  # the save's own translation (serialization.save_pruned)
+        raise SaveError(f"--output: {err}") from None
     except Exception as err:
         if type(err).__name__ != "SafetensorError" and not (isinstance(err, OSError) and err.errno in _FULL):
             raise

@@ -62,11 +62,12 @@ class Pruner(LayerWalk):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         from .packaged_models import DEFAULT_MODEL, clear_gguf_quantizer, resolve_model_path, source_record
-        from .validation import check_device, check_model_path
+        from .validation import check_device, check_hub_model, check_model_path
 
         name = model_id_or_path or DEFAULT_MODEL
         device = check_device(device) if device is not None else None  # before any weight is read
-        path = resolve_model_path(check_model_path(name))
+        check_hub_model(check_model_path(name))  # a missing Hub id: one line at once, not 30 s of retries
+        path = resolve_model_path(name)
         if offload:
             from .offload import LayerStore, load_skeleton
 

@@ -5,6 +5,7 @@ the sidecar ``mosaic_config.json`` (with the manifest of the files the save wrot
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -115,13 +116,34 @@ def save_pruned(
     warn_if_zeros_lost(report, "saving")
     shapes, zeros = linear_summary(model)
     target = Path(directory)
-    with checkpoint_directory(target, overwrite, merge) as staging:
+    with _no_room_is_one_error(target), checkpoint_directory(target, overwrite, merge) as staging:
         spec = save_model(model, staging, compressed, values_dtype, **save_kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         write_record(staging, target.expanduser(), config, report, shapes, zeros, spec, card)
     model.mosaic_report = report
     return target
+
+
+@contextlib.contextmanager
+def _no_room_is_one_error(target: Path):
+    """A write that fails for lack of room (disk full, quota, ``ulimit -f``: ``OSError`` or safetensors'
+    ``SafetensorError``) becomes a ``SaveError`` naming the target; the old output is untouched (staged write)."""
+    import errno
+
+    from .exceptions import SaveError
+
+    full = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+    try:
+        yield
+    except Exception as err:
+        if type(err).__name__ != "SafetensorError" and not (isinstance(err, OSError) and err.errno in full):
+            raise
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise SaveError(
+            f"could not write the checkpoint to {target} ({reason}): free disk space (or raise the file-size limit, "
+            "ulimit -f); nothing there was changed"
+        ) from err
 
 
 def save_pretrained(

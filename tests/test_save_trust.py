@@ -263,3 +263,23 @@ def test_an_edited_sidecar_is_refused_at_a_quantized_load(tmp_path):
     edit_sidecar(ck, achieved_sparsity=0.9)
     with pytest.raises(CheckpointMismatchError, match=r"achieved_sparsity: stated 0\.9, counted 0\.5"):
         PrunedModelForCausalLM.from_pretrained(ck, quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+
+
+def test_a_save_without_room_is_one_error_and_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    import transformers.modeling_utils
+    from safetensors import SafetensorError
+
+    from optimum_mosaic.exceptions import SaveError
+
+    ck = tmp_path / "ck"
+    prune(target=ck)
+    before = {p.name: p.read_bytes() for p in ck.iterdir() if p.is_file()}
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)
+    with pytest.raises(SaveError, match=f"could not write the checkpoint to {ck} .*No space left.*nothing there"):
+        prune(1).save_pretrained(ck)
+    assert {p.name: p.read_bytes() for p in ck.iterdir() if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
