@@ -11,12 +11,19 @@ from transformers import AutoTokenizer
 from optimum_mosaic import PrunedModelForCausalLM
 from optimum_mosaic.adapters import merge_and_remask, prepare_lora
 from optimum_mosaic.calibration.data import load_default_corpus, sample_windows
-from optimum_mosaic.serialization import linear_summary, save_pruned
+from optimum_mosaic.report import measured_sparsity
+from optimum_mosaic.serialization import save_pruned
 
 
 def sparsity(model) -> float:
-    shapes, zeros = linear_summary(model)
-    return sum(zeros.values()) / sum(rows * cols for rows, cols in shapes.values())
+    """The package's one definition (``report.DENOMINATOR``): exact zeros over the pruned projections of the
+    *dense* model, weights removed by structured pruning counting as zeros, counted from the weights now."""
+    value = measured_sparsity(model)
+    if value is None:
+        raise SystemExit(
+            "this checkpoint carries no Mosaic pruning record: save it with Pruner.prune(save_directory=...)"
+        )
+    return value
 
 
 def main(argv=None) -> dict:

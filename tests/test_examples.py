@@ -64,10 +64,13 @@ def test_bnb_example(pruned, files, bits):
 
 def test_lora_example(pruned, files):
     pytest.importorskip("peft")
-    path, _ = pruned
+    path, pruned_result = pruned
     argv = ["--model", str(path), "--text", str(files / "text.txt"), "--steps", "3", "--seqlen", "32"]
     result = example("lora_on_pruned")(argv + ["--output", str(files / "lora")])
-    assert result["after"] == result["before"] > 0.3
+    # a composite checkpoint: the sparsity of the report (removed weights count as zeros of the dense shapes), not
+    # the zero fraction of the shrunk matrices (0.33 here)
+    assert result["after"] == result["before"] == pytest.approx(pruned_result["report"].achieved_sparsity, abs=1e-6)
+    assert result["before"] == pytest.approx(0.5, abs=2e-3)
 
     from optimum_mosaic import PrunedModelForCausalLM
 

@@ -34,15 +34,19 @@ inverse than a float32 ``eigh``. ADMM's support is sensitive at the rounding lev
 projection (``benchmarks/alps_speed.py``: 1.40× faster per layer on one thread). The dual step is written ``V ← ρ(Z − D)`` with ``Z = B + V/ρ`` (= ``V + ρ(B − D)``).
 (d) Dead inputs (``diag H = 0``) are handled like SparseGPT: their weights are zeroed and ``H_jj = 1`` before
 the ridge. (e) ``k`` kept = ``numel − round(s·numel)`` so the zero count is exact (the reference keeps
-``round((1 − s)·numel)``, equal except at .5 ties).
+``round((1 − s)·numel)``, equal except at .5 ties). (f) A matrix that already holds the target's zeros (a
+re-prune of a pruned checkpoint) is returned as it is, dead inputs zeroed (``already_pruned``): it is its own
+optimum, and ADMM + CG would only reproduce it up to float32 rounding, trading kept weights smaller than that
+rounding for ±1e-6 weights at existing zeros.
 Kept quirk: a restart in the same check that meets the stop rule ends with ``B = Wn`` (dense), so the support
 is then ``P_k(Wn)`` refined by CG, exactly as in the reference.
 
 Where the gain over SparseGPT comes from (``benchmarks/layer_error.py``, SmolLM2-135M layers 0/10/20/29, all seven
 projections, relative layer error vs SparseGPT at 50 % / 70 %): ALPS 0.63 / 0.63; ALPS without its final CG the
 same (ADMM ends least-squares on its support already); SparseGPT's mask with its kept weights re-solved exactly
-0.75 / 0.78 — the refit is about 60 % of ALPS's gain, the ADMM support the rest. ``alps_warm`` starts ADMM from
-SparseGPT's solution with a larger ρ and a short schedule: 0.65 / 0.65 at ~45 % of ALPS's kernel time.
+0.75 / 0.78 — the refit is 58–68 % of ALPS's gain, the ADMM support the rest. ``alps_warm`` starts ADMM from
+SparseGPT's solution with a larger ρ and a short schedule: with its defaults (ρ₀ 0.5, 6 iterations, 3 CG steps)
+0.68 / 0.69 at ~31 % of ALPS's kernel time (``alps_warm rho0.5 it6`` rows of ``benchmarks/results/layer_error.json``).
 """
 
 from __future__ import annotations
@@ -203,6 +207,29 @@ def _kept(shape: tuple[int, int], sparsity: float, nm) -> int:
     return rows * cols - n * (rows * cols // m)
 
 
+def already_pruned(weight: torch.Tensor, stats, sparsity: float, nm, info: dict | None, dampening: float):
+    """``weight`` with its dead inputs zeroed when that already holds the target's zeros (at least
+    ``round(s·numel)``, or ``n`` in every group of ``m``), else None. Such a matrix is its own optimum (layer loss
+    0); ADMM and CG would return it only up to float32 rounding, and where a kept weight is smaller than that
+    rounding (or a dead input freed a place in the support) they fill the support from the noise at existing
+    zeros — ±1e-6 weights where the matrix had exact zeros. So it is returned as it is."""
+    held = weight.masked_fill(torch.diag(stats.hessian).to(weight.device) == 0, 0.0)
+    zero = held == 0
+    if nm:
+        n, m = nm
+        _kept(weight.shape, sparsity, nm)  # the N:M shape check
+        enough = bool((zero.reshape(weight.shape[0], -1, m).sum(-1) >= n).all())
+    else:
+        enough = int(zero.sum()) >= weight.numel() - _kept(weight.shape, sparsity, nm)
+    if not enough:
+        return None
+    if info is not None:
+        info.update(iterations=0, cg_iterations=0, inverses=0, dampening=dampening, existing_zeros=True)
+        if info.get("measure_error", False):
+            info["error"] = 0.0
+    return held
+
+
 @torch.no_grad()
 def alps_prune(
     weight: torch.Tensor,
@@ -223,6 +250,9 @@ def alps_prune(
     k = _kept(weight.shape, sparsity, nm)
     if k == weight.numel() or k == 0:
         return weight.clone() if k else torch.zeros_like(weight)
+    held = already_pruned(weight, stats, sparsity, nm, info, dampening)
+    if held is not None:
+        return held
     Wn, Y, Hn, x = normalized_problem(weight, stats, dampening)
     inverse = RidgeInverses(Hn, stats.cache, (dampening, str(weight.device)))
     if start is not None:
@@ -258,12 +288,17 @@ def alps_warm_prune(
     weights with the largest gradient, and the schedule (ρ×1.2–1.3 while the support still moves) settles it.
 
     Defaults (ρ₀ 0.5, 6 iterations, 3 CG steps): the grid ρ₀ ∈ {0.2, 0.3, 0.5, 0.7, 1} × {3, 6, 9, 12} iterations in
-    ``benchmarks/results/layer_error.json`` (errors on held-out calibration windows) puts ρ₀ 0.3 / 12 iterations lowest
+    ``benchmarks/results/layer_error.json`` (``vs sparsegpt``: layer error under the calibration Hessian, relative to
+    SparseGPT's) puts ρ₀ 0.3 / 12 iterations lowest
     (0.65× SparseGPT's layer error) and ρ₀ 0.5 / 6 iterations at 0.68–0.69× for ~70 % of its kernel time; on the whole
     SmolLM2 (``results/defaults_smollm2.json``) the two give held-out calibration NLL 3.753 / 3.770 at 50 % and
     4.358 / 4.428 at 70 %, and only the shorter schedule stays within 1.5× of SparseGPT's prune time. Too few
     iterations at a small ρ₀ move the support too far (ρ₀ 0.3 with 3 iterations is worse than SparseGPT at 70 %).
     """
+    if 0 < _kept(weight.shape, sparsity, nm) < weight.numel():
+        held = already_pruned(weight, stats, sparsity, nm, info, dampening)
+        if held is not None:
+            return held
     start = sparsegpt_prune(weight, stats, sparsity, nm, dampening, block_size, info, saliency)
     return alps_prune(weight, stats, sparsity, nm, info, rho, max_iterations, cg_iterations, dampening, start)
 

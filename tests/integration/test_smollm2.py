@@ -80,10 +80,11 @@ def test_composite_shrinks_and_reloads_through_auto_class(pruner, dense_state, d
     assert pruner.report.achieved_sparsity == pytest.approx(0.5, abs=2e-3)
     assert pruner.report.structured_sparsity == pytest.approx(0.2, abs=0.02)
     assert sum(p.numel() for p in model.model.layers.parameters()) < 0.82 * dense_params
-    # with structured-OBS compensation: measured 1.55x dense here (OWL-plan SparseGPT unstructured-only with the same
-    # small calibration: 1.52x); uncompensated removal gave 5-9x, a wrong slice gives thousands
+    # with structured-OBS compensation: measured 1.545x dense here (82.34 vs 53.31, default alps_warm, 2 threads;
+    # OWL-plan SparseGPT unstructured-only with the same small calibration: 1.52x); the bound leaves a 10 % margin
+    # (1.545 × 1.1 = 1.70), so a compensation regression of 10 % or more fails; uncompensated removal gave 5-9x
     composite_ppl = ppl(pruner)
-    assert composite_ppl < 2.0 * dense_ppl
+    assert composite_ppl < 1.70 * dense_ppl, composite_ppl / dense_ppl
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "composite")
     x = torch.randint(0, 1000, (1, 64))
     with torch.no_grad():
