@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 import typing
@@ -127,12 +126,9 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = _Formatter
-    parser.add_argument("--model", default="smollm2-135m", help=f"a checkpoint directory or alias: {_ALIASES}")
-    parser.add_argument("--text", default=None, help="a UTF-8 text file (default: the bundled evaluation novel)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer directory or Hub id (default: the model's own)")
-    parser.add_argument("--seqlen", type=int, default=2048, help="tokens per window")
-    parser.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows")
+    from .eval_command import add_eval_arguments as add
+
+    add(parser, _Formatter, _ALIASES)
 
 
 def add_push_arguments(parser: argparse.ArgumentParser) -> None:
@@ -251,44 +247,10 @@ def _run_prune_offloaded(args, config) -> dict:
     return {"before": None, "after": None, "report": report.to_dict()}
 
 
-def run_eval(args) -> float:
-    """Perplexity of a checkpoint: an optimum-mosaic checkpoint goes through the checked loader
-    (``PrunedModelForCausalLM``: shapes and zeros against the sidecar), anything else loads as a plain model."""
-    from pathlib import Path
+def run_eval(args) -> dict:
+    from .eval_command import run_eval as run
 
-    from .cli_checks import check_seqlen, load_tokenizer
-    from .validation import check_hub_model, check_model_path, check_positive_int, check_text_file, has_tokenizer
-
-    check_positive_int("--seqlen", args.seqlen)
-    if args.max_windows is not None:
-        check_positive_int("--max-windows", args.max_windows)
-    path = check_model_path(args.model)
-    text = check_text_file("--text", args.text, "evaluation") if args.text else None  # read as far as evaluated
-    if not args.tokenizer and not has_tokenizer(path):
-        from .validation import no_tokenizer_error
-
-        raise no_tokenizer_error(path, "the evaluation text must be tokenised")
-    check_hub_model(path)
-    from .evaluation import perplexity
-    from .serialization import is_checkpoint
-
-    if Path(path).is_dir() and is_checkpoint(path):
-        from .modeling import PrunedModelForCausalLM
-        from .validation import check_seqlen as check_positions
-
-        tokenizer = load_tokenizer(args.tokenizer or path, "--tokenizer" if args.tokenizer else "model")
-        model = PrunedModelForCausalLM.from_pretrained(path)
-        check_positions("--seqlen", args.seqlen, model.config)
-    else:
-        from .pruner import Pruner
-
-        check_seqlen(path, args.seqlen)
-        pruner = Pruner.from_pretrained(path)
-        model = pruner.model
-        tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else pruner.tokenizer
-    ppl = perplexity(model, tokenizer, text, seqlen=args.seqlen, max_windows=args.max_windows)
-    print(json.dumps({"model": args.model, "seqlen": args.seqlen, "perplexity": round(ppl, 4)}))
-    return ppl
+    return run(args)
 
 
 def run_push(args) -> str:
@@ -311,7 +273,7 @@ def run_push(args) -> str:
 # name → (help, add_arguments, run); the ``optimum-cli mosaic`` plug-in builds its sub-commands from this table.
 SUBCOMMANDS = {
     "prune": ("prune a model and save it (with a before/after table)", add_prune_arguments, run_prune),
-    "eval": ("perplexity of a model on held-out text", add_eval_arguments, run_eval),
+    "eval": ("perplexity on held-out text or domains; zero-shot tasks (lm-eval)", add_eval_arguments, run_eval),
     "push": ("push a pruned checkpoint and its model card to the Hub", add_push_arguments, run_push),
 }
 
