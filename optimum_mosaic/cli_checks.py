@@ -40,6 +40,7 @@ def check_prune_args(args, config) -> None:
         raise ValueError(f"--eval-windows: must be >= 0, got {args.eval_windows}")
     if args.eval_text and not args.eval_windows:
         raise ValueError("--eval-text: give --eval-windows N (> 0) to evaluate on it")
+    args.task_manager = check_eval_tasks(args)
     if args.structured_units is not None and not config.structured_sparsity:
         raise InputError(
             "--structured-units: it chooses what --structured-sparsity removes, and that is 0 here: give "
@@ -144,6 +145,28 @@ def writing(output):
             f"--output: could not write the checkpoint to {output} ({one_line(err)}): free disk space (or raise the "
             "file-size limit, ulimit -f), then run again"
         ) from None
+
+
+def check_eval_tasks(args):
+    """``prune --eval-tasks``: lm-eval installed and every task known, before the model is loaded; returns the
+    task manager (None without ``--eval-tasks``)."""
+    from .validation import InputError, check_positive_int
+
+    tasks = [t.strip() for t in (getattr(args, "eval_tasks", None) or "").split(",") if t.strip()]
+    args.eval_task_list = tasks
+    if getattr(args, "task_limit", None) is not None:
+        check_positive_int("--task-limit", args.task_limit)
+        if not tasks:
+            raise InputError("--task-limit goes with --eval-tasks")
+    if not tasks:
+        return None
+    if args.offload:
+        raise InputError("--offload cannot evaluate in memory: drop --eval-tasks")
+    from .zero_shot import check_tasks, task_manager
+
+    manager = task_manager(None, tasks)
+    check_tasks(tasks, manager)
+    return manager
 
 
 def one_line(err: BaseException) -> str:

@@ -40,7 +40,8 @@ _TOGETHER = """options that go together:
   --overwrite                 with --output: replace a non-empty directory that is not an optimum-mosaic checkpoint
   --offload                   needs --output; excludes --eval-windows, 'auto', --structured-sparsity,
                               sensitivity_hutchinson
-  --eval-text                 with --eval-windows > 0"""
+  --eval-text                 with --eval-windows > 0
+  --task-limit                with --eval-tasks (lm-eval tasks; needs pip install "optimum-mosaic[eval]")"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -122,6 +123,10 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
         "--eval-windows", type=int, default=0, help="evaluate perplexity before/after on up to this many windows"
     )
     parser.add_argument("--eval-text", default=None, help="UTF-8 text file to evaluate on (default: Persuasion)")
+    parser.add_argument(
+        "--eval-tasks", default=None, help="zero-shot lm-eval tasks before/after, recorded in the card ([eval] extra)"
+    )
+    parser.add_argument("--task-limit", type=int, default=None, help="examples per --eval-tasks task (default: all)")
     add_config_arguments(parser)
 
 
@@ -159,7 +164,7 @@ def run_prune(args) -> dict:
         pruner.tokenizer = load_tokenizer(args.tokenizer)
     if args.output:  # before the prune: a save that cannot fit fails now, not after all the work
         check_free_space(pruner.model, args.output, args.compressed, config.sparsity)
-    before = _evaluate(pruner, args, config.seqlen)
+    before, before_tasks = _evaluate(pruner, args, config.seqlen), _zero_shot(pruner, args)
     dense_params = _nonzero(pruner.model)
     start = time.perf_counter()
     pruner.prune(config, calibration_dataset=args.calibration_data, batch_size=args.batch_size)
@@ -169,6 +174,8 @@ def run_prune(args) -> dict:
     if args.eval_windows:
         report.evaluation = {k: v for k, v in before.items() if k != "perplexity"}
         report.evaluation.update(perplexity_before=before["perplexity"], perplexity_after=after["perplexity"])
+    if args.eval_task_list:
+        report.evaluation["tasks"] = _task_rows(before_tasks, _zero_shot(pruner, args))
     if args.output:  # checked before loading; one atomic save with the evaluation in the sidecar
         from .serialization import save_pruned
 
@@ -177,6 +184,25 @@ def run_prune(args) -> dict:
             save_pruned(pruner.model, pruner.tokenizer, args.output, config, report, **options)
     _print_summary(args, config, report, dense_params, _nonzero(pruner.model), elapsed)
     return {"before": before.get("perplexity"), "after": after.get("perplexity"), "report": report.to_dict()}
+
+
+def _zero_shot(pruner, args) -> list:
+    if not args.eval_task_list:
+        return []
+    from .zero_shot import evaluate_tasks
+
+    tasks, limit = args.eval_task_list, args.task_limit
+    return evaluate_tasks(pruner.model, pruner.tokenizer, tasks, limit=limit, manager=args.task_manager)
+
+
+def _task_rows(before: list, after: list) -> list[dict]:
+    """What the report (and the card) record of ``--eval-tasks``: measured values only, dense and pruned."""
+    dense = {(r.task, r.metric): r.value for r in before}
+    return [
+        {"task": r.task, "metric": r.metric, "dense": round(dense[(r.task, r.metric)], 4), "pruned": round(r.value, 4),
+         "stderr": None if r.stderr is None else round(r.stderr, 4), "examples": r.examples}
+        for r in after
+    ]  # fmt: skip
 
 
 def _nonzero(model) -> int:
@@ -205,7 +231,9 @@ def _print_summary(args, config, report, dense_params: int, params: int, elapsed
 
     searched = f" (λ={report.lamda:g}, M={report.outlier_threshold:g})" if report.lamda is not None else ""
     ev = report.evaluation
-    evaluated = f"evaluation {ev['windows']} x {ev['seqlen']} tokens of {ev['text']}" if ev else "not evaluated"
+    evaluated = "not evaluated"
+    if "windows" in ev:  # perplexity was measured (--eval-windows)
+        evaluated = f"evaluation {ev['windows']} x {ev['seqlen']} tokens of {ev['text']}"
     print(
         f"\nPruned {args.model}: {config.allocation} allocation{searched}, {config.pruner}, calibration "
         f"{config.nsamples} x {config.seqlen} tokens, {evaluated}."

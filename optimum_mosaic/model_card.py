@@ -148,9 +148,8 @@ def is_mosaic_dir(path: Path) -> bool:
 
 def looks_like_repo_id(text: str | None) -> bool:
     """``owner/name`` that is not a local path: only those become card metadata ``base_model``."""
-    if not text or not _REPO_ID.match(text) or Path(text).exists():
-        return False
-    return ".." not in text and not text.endswith((".", "-"))
+    ok = bool(text) and bool(_REPO_ID.match(text)) and not Path(text).exists()
+    return ok and ".." not in text and not text.endswith((".", "-"))
 
 
 # -- card ---------------------------------------------------------------------------------------------
@@ -298,6 +297,7 @@ def _template_fields(facts: _Facts, base_model: str | None, repo_id: str | None)
         "sparsity_columns": columns,
         "sparsity_rows": rows,
         "evaluation": _evaluation(report),
+        "zero_shot": (report.get("evaluation") or {}).get("tasks") or [],
         "size": size,
         "structured": bool(removed),
         "structured_removed": f"≈ {removed:,} parameters ({_pct(report.get('structured_sparsity'))} of the prunable weights)",

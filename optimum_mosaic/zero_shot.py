@@ -142,22 +142,32 @@ def write_task(folder: Path, name: str, kind: str, examples: list[dict], final: 
     (folder / f"{name}.yaml").write_text(template.format(name=name, data=data, version=TASKS_VERSION))
 
 
-def offline_tasks(domains=OFFLINE_DOMAINS) -> Path:
-    """The folder of the package's offline tasks (built once into the cache from the evaluation domains)."""
+def offline_tasks(domain: str) -> Path:
+    """The folder of the package's offline tasks of ``domain`` (built once into the cache from its text)."""
     from .domains import domain_text
     from .packaged_models import cache_dir
     from .serialization import atomic_directory
 
-    target = cache_dir() / f"lm_eval_tasks-v{TASKS_VERSION}"
+    target = cache_dir() / f"lm_eval_tasks-v{TASKS_VERSION}" / domain
     if (target / "done").is_file():
         return target
     with atomic_directory(target, overwrite=True) as staging:  # the cache folder is ours
-        for domain in domains:
-            text, key = domain_text(domain), domain.replace("-", "_")
-            write_task(staging, f"mosaic_lastword_{key}", "lastword", lastword_examples(text, EXAMPLES), target)
-            write_task(staging, f"mosaic_nextsent_{key}", "nextsent", nextsent_examples(text, EXAMPLES), target)
+        text, key = domain_text(domain), domain.replace("-", "_")
+        write_task(staging, f"mosaic_lastword_{key}", "lastword", lastword_examples(text, EXAMPLES), target)
+        write_task(staging, f"mosaic_nextsent_{key}", "nextsent", nextsent_examples(text, EXAMPLES), target)
         (staging / "done").write_text("ok\n")
     return target
+
+
+def _offline_domains(tasks) -> list[str]:
+    """The domains whose offline tasks ``tasks`` name (all of them when ``tasks`` is None)."""
+    if tasks is None:
+        return list(OFFLINE_DOMAINS)
+    return [
+        d
+        for d in OFFLINE_DOMAINS
+        if any(t.endswith("_" + d.replace("-", "_")) and t.startswith("mosaic_") for t in tasks)
+    ]
 
 
 # -- running lm-eval --------------------------------------------------------------------------------------
@@ -169,8 +179,7 @@ def task_manager(include_path=None, tasks=None):
     from lm_eval.tasks import TaskManager
 
     paths = [str(p) for p in ([include_path] if isinstance(include_path, (str, Path)) else include_path or [])]
-    if tasks is None or any(t.startswith("mosaic_") for t in tasks):  # built (and fetched) only when named
-        paths.append(str(offline_tasks()))
+    paths += [str(offline_tasks(d)) for d in _offline_domains(tasks)]  # built (and fetched) only when named
     if tasks is not None:
         local = TaskManager(include_path=paths or None, include_defaults=False)
         if set(tasks) <= set(local.all_tasks):
@@ -183,7 +192,7 @@ def check_tasks(tasks: list[str], manager) -> None:
     known = set(manager.all_tasks)
     unknown = [t for t in tasks if t not in known]
     if unknown:
-        mosaic = sorted(t for t in known if t.startswith("mosaic_"))
+        mosaic = [f"mosaic_{k}_{d.replace('-', '_')}" for d in OFFLINE_DOMAINS for k in ("lastword", "nextsent")]
         raise ValueError(
             f"lm-eval does not know the task(s) {unknown}: check the name, or give the folder of your YAML task with "
             f"--include-path; offline tasks of this package: {', '.join(mosaic)}"

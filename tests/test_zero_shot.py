@@ -146,3 +146,30 @@ def test_eval_on_domains_prints_one_line_per_domain(checkpoints, capsys):
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["domain"] for line in lines] == ["persuasion", "python-code"]
     assert all(torch.isfinite(torch.tensor(line["perplexity"])) for line in lines)
+
+
+def test_prune_records_measured_task_accuracy_in_the_card(tmp_path, capsys, monkeypatch):
+    """``prune --eval-tasks``: dense and pruned accuracy of the package's offline task, in sidecar and card."""
+    monkeypatch.setenv("OPTIMUM_MOSAIC_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "tiny"
+    tiny_llama().save_pretrained(src)
+    tokenizer().save_pretrained(src)
+    text = tmp_path / "calib.txt"
+    text.write_text(TEXT[:20_000])
+    argv = ["prune", "--model", str(src), "--calibration-text", str(text), "--nsamples", "4", "--seqlen", "32",
+            "--pruner", "wanda", "--output", str(tmp_path / "out"), "--eval-tasks", "mosaic_nextsent_persuasion",
+            "--task-limit", "5"]  # fmt: skip
+    assert main(argv) == 0
+    sidecar = json.loads((tmp_path / "out" / "mosaic_config.json").read_text())
+    rows = sidecar["report"]["evaluation"]["tasks"]
+    assert [(r["task"], r["metric"], r["examples"]) for r in rows] == [
+        ("mosaic_nextsent_persuasion", "acc", 5), ("mosaic_nextsent_persuasion", "acc_norm", 5)]  # fmt: skip
+    card = (tmp_path / "out" / "README.md").read_text()
+    r = rows[0]
+    assert f"| mosaic_nextsent_persuasion | acc | {r['dense']} | {r['pruned']} |" in card
+    assert not (tmp_path / "cache" / "lm_eval_tasks-v2" / "shakespeare").exists()  # built only when named
+
+
+def test_no_zero_shot_table_in_a_card_without_measurements(checkpoints):
+    root, _ = checkpoints
+    assert "Zero-shot accuracy" not in (root / "plain" / "README.md").read_text()
