@@ -161,6 +161,19 @@ def test_pruned_tail_and_dense_window(model64):
     assert report["dense"] == cache.dense_nbytes() and report["total"] == report["tail"] + report["window"]
 
 
+def test_a_zero_window_prunes_every_token_and_reports_a_ratio(model64):
+    """``window=0``: every token is pruned at once; the dense equivalent is still counted (not from the empty
+    window), so the ratio is a number: 140/256 B per fp32 vector at s = 0.5 (+ 64 B of shapes per layer)."""
+    cache = SparseKVCache(0.5, 0.5, window=0)
+    decode_logits(model64, token_windows(2, 40, seed=7), cache, prompt=8)
+    for layer in cache.layers:
+        assert layer.tail_length == 40 and layer.keys.shape == (2, 2, 0, 64) and layer.window_nbytes() == 0
+        assert layer.dense_nbytes() == 2 * 40 * 2 * 2 * 64 * 4
+    report = cache.memory_report()
+    assert report["ratio"] == report["total"] / report["dense"] and 0.54 < report["ratio"] < 0.56
+    assert SparseKVCache(window=0).memory_report()["ratio"] == 1.0  # nothing held yet: no saving, not 0/0
+
+
 def test_memory_at_70_percent_is_at_most_half_of_dense(model64):
     """bf16 states (2 B, as fp16): the pruned tail is 60/128 = 46.9 % of dense; with the dense window the whole
     cache is (60·(L−W) + 128·W)/(128·L) + metadata, ≤ 50 % once L ≥ 17·W (here L = 128, W = 4: 48.6 %).

@@ -57,6 +57,16 @@ def test_seventy_percent_fp32_is_a_third_of_dense():
     assert tile_nbytes(19, 4) == 8 + 19 * 4
 
 
+def test_nonzero_counts_of_any_bitmap_view():
+    """The per-tile popcount (64-bit SWAR) equals counting the unpacked bits, also for a view at an odd offset."""
+    flat = torch.randint(0, 256, (8 * 50 + 3,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    flat[:16] = 255
+    for bitmaps in (flat[:400].view(50, 8), flat[3:].view(50, 8), flat[:0].view(0, 8)):
+        packed = BitmapTensor(bitmaps, torch.zeros(0), torch.zeros(50, dtype=torch.int32), (50, 64))
+        expected = [sum(bin(int(byte)).count("1") for byte in tile) for tile in bitmaps]
+        assert packed.nonzero_counts().tolist() == expected
+
+
 def test_inconsistent_parts_are_refused():
     packed = compress(pruned(8, 100, 0.5))
     with pytest.raises(ValueError, match="stored values"):
@@ -130,7 +140,8 @@ def test_paths_are_chosen_by_argument_or_environment(monkeypatch):
             kernel.resolve_path("avx512")
 
 
-def test_without_a_compiler_one_warning_and_the_torch_path(monkeypatch):
+def test_without_a_compiler_one_warning_and_the_torch_path(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # no library built before (that would need no compiler)
     monkeypatch.setattr(kernel, "_loaded", {})
     monkeypatch.setattr(kernel.shutil, "which", lambda name: None)
     with pytest.warns(UserWarning, match="not available.*no C\\+\\+ compiler.*plain-PyTorch") as caught:

@@ -197,13 +197,12 @@ class SparseKVLayer(CacheLayerMixin):
         return self.tail_nbytes(itemsize) + self.window_nbytes(itemsize)
 
     def dense_nbytes(self, itemsize: int | None = None) -> int:
-        """Bytes a ``DynamicLayer`` would hold for the same tokens."""
+        """Bytes a ``DynamicLayer`` would hold for the same tokens (per token B·H·D from the window's shape,
+        which holds even when the window is empty, as with ``window=0``)."""
         if not self.is_initialized:
             return 0
-        per_token = (self.keys[..., :1, :].numel() + self.values[..., :1, :].numel()) * (
-            itemsize or self.keys.element_size()
-        )
-        return per_token * self.get_seq_length()
+        per_token = sum(math.prod(t.shape[:-2]) * t.shape[-1] for t in (self.keys, self.values))
+        return per_token * (itemsize or self.keys.element_size()) * self.get_seq_length()
 
     # -- batch reordering (decompress → select → recompress; exact, since pruning is idempotent) ------------------
     def _map_batch(self, fn) -> None:
@@ -296,7 +295,8 @@ class SparseKVCache(Cache):
         return sum(layer.dense_nbytes(itemsize) for layer in self._layers(layer_idx))
 
     def memory_report(self, itemsize: int | None = None) -> dict:
-        """Per-layer and total bytes: tail (compressed), window (dense), total, dense equivalent, ratio."""
+        """Per-layer and total bytes: tail (compressed), window (dense), total, dense equivalent, and ratio =
+        total / dense (1.0 while nothing is held: no saving yet)."""
         rows = [
             dict(
                 tail=layer.tail_nbytes(itemsize),
@@ -307,5 +307,5 @@ class SparseKVCache(Cache):
             for layer in self.layers
         ]
         totals = {key: sum(row[key] for row in rows) for key in ("tail", "window", "total", "dense")}
-        totals["ratio"] = totals["total"] / totals["dense"] if totals["dense"] else float("nan")
+        totals["ratio"] = totals["total"] / totals["dense"] if totals["dense"] else 1.0
         return {"layers": rows, **totals}

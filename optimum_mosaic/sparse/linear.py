@@ -8,7 +8,7 @@ import warnings
 import torch
 from torch import nn
 
-from .format import BitmapTensor, compress, decompress, tiles_per_row
+from .format import BitmapTensor, check_consistent, compress, decompress, tiles_per_row
 from .kernel import resolve_path, sparse_linear
 
 # The sparsity from which a projection is swapped (``to_sparse_kernel``). benchmarks/sparse_kernel.py (weights
@@ -24,6 +24,7 @@ class SparseLinear(nn.Module):
     ``weight_offsets`` (int32), no dense copy. ``x`` of any float dtype is computed in fp32 (results equal to
     the dense layer up to summation order) and returned in its dtype. ``path`` forces a kernel path
     (see ``optimum_mosaic.sparse.kernel``); ``weight`` decompresses on each access (for inspection only).
+    The parts are checked whenever they are set (``load_packed``, ``load_state_dict``: ``format.check_consistent``).
     Inference only: there is no backward."""
 
     def __init__(
@@ -60,8 +61,11 @@ class SparseLinear(nn.Module):
         return module
 
     def load_packed(self, packed: BitmapTensor) -> None:
+        """Hold ``packed`` (``[out_features, in_features]``, ``pad`` 1) as the weight. Its parts are checked first
+        (``format.check_consistent``): a ``ValueError`` names what is inconsistent, and the layer keeps its weight."""
         if tuple(packed.shape) != (self.out_features, self.in_features) or packed.pad != 1:
             raise ValueError(f"a [{self.out_features}, {self.in_features}] weight with pad 1 expected, got {packed}")
+        check_consistent(packed)
         self.weight_bitmaps, self.weight_values, self.weight_offsets = packed.bitmaps, packed.values, packed.offsets
 
     @property
@@ -98,19 +102,23 @@ class SparseLinear(nn.Module):
         )
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
-        # the value count differs between checkpoints: adopt the incoming sizes before the usual copy
-        for part in _PARTS:
-            key = f"{prefix}weight_{part}"
-            if key in state_dict:
-                setattr(self, f"weight_{part}", torch.empty_like(state_dict[key], device=self.weight_offsets.device))
+        """The usual copy, after adopting the incoming sizes (the value count differs between checkpoints). The parts
+        then held must pass ``format.check_consistent``; if not, the error is reported (``load_state_dict`` raises
+        it, naming what is inconsistent) and the previous parts are put back: a refused load changes nothing."""
+        device = self.weight_offsets.device
+        incoming = [part for part in _PARTS if f"{prefix}weight_{part}" in state_dict]
+        previous = {part: getattr(self, f"weight_{part}") for part in incoming}
+        for part in incoming:
+            setattr(self, f"weight_{part}", torch.empty_like(state_dict[f"{prefix}weight_{part}"], device=device))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
-        if not any(f"{prefix}weight_{part}" in missing_keys for part in _PARTS):
-            from .format import check_consistent
-
-            try:
-                check_consistent(self.packed)
-            except ValueError as err:
-                errors.append(f"{prefix}weight_*: {err}")
+        if not incoming:
+            return
+        try:
+            check_consistent(self.packed)
+        except ValueError as err:
+            errors.append(f"{prefix}weight_*: {err}")
+            for part, tensor in previous.items():
+                setattr(self, f"weight_{part}", tensor)
 
 
 def to_sparse_kernel(

@@ -51,7 +51,7 @@ MOSAIC_AVX2 inline float hsum8(__m256 v) {
 // One row for tokens t0 .. t0 + NT - 1. Per 8 columns: the 8 values from the running pointer, vpermps to their
 // columns, blend the clear lanes to zero, one FMA per token; the pointer advances by the byte's popcount.
 template <typename V, int NT, bool BOUNDED>
-MOSAIC_AVX2 void row_avx2(const Problem& P, int64_t r, int64_t t0) {
+MOSAIC_AVX2 int64_t row_avx2(const Problem& P, int64_t r, int64_t t0) {
   const V* p = static_cast<const V*>(P.values) + P.offsets[r];
   const V* end = static_cast<const V*>(P.values) + P.total;
   const uint8_t* bm = P.bitmaps + r * P.tiles * 8;
@@ -87,21 +87,18 @@ MOSAIC_AVX2 void row_avx2(const Problem& P, int64_t r, int64_t t0) {
     for (int i = 1; i < A; ++i) acc[t * A] = _mm256_add_ps(acc[t * A], acc[t * A + i]);
     P.store(r, t0 + t, hsum8(acc[t * A]));
   }
+  return p - static_cast<const V*>(P.values);
 }
 
 template <typename V, int NT>
-void row_avx2_any(const Problem& P, int64_t r, int64_t t0) {
+int64_t row_avx2_any(const Problem& P, int64_t r, int64_t t0) {
   // 8-value loads start at most at the row's end: only the rows close to the end of the buffer need a copy
-  if (P.row_end(r) + 8 <= P.total) {
-    row_avx2<V, NT, false>(P, r, t0);
-  } else {
-    row_avx2<V, NT, true>(P, r, t0);
-  }
+  return P.row_end(r) + 8 <= P.total ? row_avx2<V, NT, false>(P, r, t0) : row_avx2<V, NT, true>(P, r, t0);
 }
 
-// Row r of W, dense, into out[0 .. tiles * 64) (every lane written: no zeroing needed).
+// Row r of W, dense, into out[0 .. tiles * 64) (every lane written: no zeroing needed); the index past its values.
 template <typename V, bool BOUNDED>
-MOSAIC_AVX2 void expand_row_avx2(const Problem& P, int64_t r, float* out) {
+MOSAIC_AVX2 int64_t expand_row_avx2(const Problem& P, int64_t r, float* out) {
   const V* p = static_cast<const V*>(P.values) + P.offsets[r];
   const V* end = static_cast<const V*>(P.values) + P.total;
   const uint8_t* bm = P.bitmaps + r * P.tiles * 8;
@@ -120,6 +117,7 @@ MOSAIC_AVX2 void expand_row_avx2(const Problem& P, int64_t r, float* out) {
     }
     p = tile + P.stored(bits);
   }
+  return p - static_cast<const V*>(P.values);
 }
 
 // -- AVX-512 -------------------------------------------------------------------------------------------------------
@@ -137,7 +135,7 @@ MOSAIC_AVX512 inline __m512 expand16(const V* p, __mmask16 m) {
 }
 
 template <typename V, int NT>
-MOSAIC_AVX512 void row_avx512(const Problem& P, int64_t r, int64_t t0) {
+MOSAIC_AVX512 int64_t row_avx512(const Problem& P, int64_t r, int64_t t0) {
   const V* p = static_cast<const V*>(P.values) + P.offsets[r];
   const uint8_t* bm = P.bitmaps + r * P.tiles * 8;
   const int64_t width = P.width();
@@ -168,10 +166,11 @@ MOSAIC_AVX512 void row_avx512(const Problem& P, int64_t r, int64_t t0) {
     for (int i = 1; i < A; ++i) acc[t * A] = _mm512_add_ps(acc[t * A], acc[t * A + i]);
     P.store(r, t0 + t, _mm512_reduce_add_ps(acc[t * A]));
   }
+  return p - static_cast<const V*>(P.values);
 }
 
 template <typename V>
-MOSAIC_AVX512 void expand_row_avx512(const Problem& P, int64_t r, float* out) {
+MOSAIC_AVX512 int64_t expand_row_avx512(const Problem& P, int64_t r, float* out) {
   const V* p = static_cast<const V*>(P.values) + P.offsets[r];
   const uint8_t* bm = P.bitmaps + r * P.tiles * 8;
   for (int64_t k = 0; k < P.tiles; ++k) {
@@ -185,6 +184,7 @@ MOSAIC_AVX512 void expand_row_avx512(const Problem& P, int64_t r, float* out) {
     }
     p = tile + P.stored(bits);
   }
+  return p - static_cast<const V*>(P.values);
 }
 
 }  // namespace
