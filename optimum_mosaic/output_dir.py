@@ -120,6 +120,16 @@ def clean_stale_staging(target: Path) -> list[Path]:
     return removed
 
 
+def _new_staging(target: Path) -> Path:
+    """A marked staging folder next to ``target``, after the leftovers of killed saves to it are cleaned up."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_staging(target)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    staging.chmod(0o755)
+    _mark(staging, "staging")
+    return staging
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | Path, overwrite: bool = False):
     """Yield a staging directory next to ``target``; on success it replaces ``target`` in one rename.
@@ -128,11 +138,7 @@ def atomic_directory(target: str | Path, overwrite: bool = False):
     ``target`` is left as it was.
     """
     target = check_output_dir(target, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_staging(target)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    staging.chmod(0o755)
-    _mark(staging, "staging")
+    staging = _new_staging(target)
     try:
         yield staging
     except BaseException:
@@ -234,11 +240,7 @@ def checkpoint_directory(target: str | Path, overwrite: bool = False, merge: boo
     (``check_output_dir``; ``merge`` allows a non-empty non-checkpoint folder as transformers' ``save_pretrained``
     does). On any exception the staging directory is removed and ``target`` is left as it was."""
     target = check_output_dir(target, overwrite, merge)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_staging(target)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    staging.chmod(0o755)
-    _mark(staging, "staging")
+    staging = _new_staging(target)
     try:
         yield staging
         install_checkpoint(staging, target)
