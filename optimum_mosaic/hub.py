@@ -71,10 +71,10 @@ def _checkpoint(model_or_dir, tokenizer):
     model_record(model)  # a clear error for a model without a pruning record
     with tempfile.TemporaryDirectory(prefix="mosaic-push-") as tmp:
         target = Path(tmp) / "checkpoint"
-        name_or_path = getattr(model, "name_or_path", None)  # measures the sparsity from the weights it writes:
-        save_pruned(model, tokenizer, target, card=_source_card(name_or_path))
-        _copy_companions(getattr(model, "name_or_path", None), target)
-        yield target, getattr(model, "name_or_path", None)
+        name_or_path = getattr(model, "name_or_path", None)
+        save_pruned(model, tokenizer, target, card=_source_card(name_or_path))  # sparsity measured from the weights
+        _copy_companions(name_or_path, target)
+        yield target, name_or_path
 
 
 def check_pushable(directory: Path, force: bool = False) -> None:
