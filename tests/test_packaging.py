@@ -33,6 +33,7 @@ def test_wheel_contents(tmp_path):
         assert f"{package}/__init__.py" in names, package
     for novel in ("emma", "persuasion", "sensesensibility"):
         assert f"optimum_mosaic/data/austen/{novel}.txt.gz" in names
+    assert {"optimum_mosaic/data/mixed/code.txt.gz", "optimum_mosaic/data/mixed/prose.txt.gz"} <= names
     assert "optimum_mosaic/models/modeling_mosaic.py" in names
     kernel = {f"optimum_mosaic/sparse/csrc/{f}" for f in ("bitmap_kernel.cpp", "bitmap_common.h", "bitmap_simd.h")}
     assert kernel <= names  # the kernel's source, built on first use

@@ -1,7 +1,11 @@
 """Calibration and evaluation text → seeded token windows.
 
-The default corpus ships with the package: Jane Austen's six novels (public domain), reflowed and
-gzipped. *Persuasion* is the evaluation text; the other five novels are the calibration text.
+Two corpora ship with the package (``data/README.md`` records sources and licences):
+
+- ``"austen"``: Jane Austen's six novels (public domain), reflowed and gzipped. *Persuasion* is the evaluation
+  text; the other five novels are the calibration text.
+- ``"mixed"``: fiction (the five calibration novels), Python code and technical prose, drawn in the fixed shares
+  ``MIXED_SHARES`` of the windows (a part too small for its share leaves the rest to fiction).
 """
 
 from __future__ import annotations
@@ -18,6 +22,12 @@ from ..exceptions import CalibrationError
 EVALUATION_NOVELS = ("persuasion",)
 CALIBRATION_NOVELS = ("emma", "mansfieldpark", "northangerabbey", "prideprejudice", "sensesensibility")
 CHUNK_CHARS = 1 << 20  # characters per tokenizer call (~25 bytes of memory each); the bundled corpus is one call
+MIXED_SHARES = {"fiction": 0.5, "code": 0.25, "prose": 0.25}
+CORPUS_NAMES = {
+    "austen": "bundled Austen novels",
+    "mixed": "the mixed corpus bundled with optimum-mosaic (fiction, Python code, technical prose)",
+}
+CORPORA = tuple(CORPUS_NAMES)
 POOL = 2  # text beyond the first chunk is read only until it holds POOL × the windows asked for
 
 
@@ -28,6 +38,56 @@ def load_default_corpus(split: str = "calibration") -> str:
         raise ValueError(f"split must be 'calibration' or 'evaluation', got {split!r}")
     folder = resources.files("optimum_mosaic") / "data" / "austen"
     return "\n\n".join(gzip.decompress((folder / f"{n}.txt.gz").read_bytes()).decode("utf-8") for n in names)
+
+
+def load_mixed_part(part: str) -> str:
+    """One part of the mixed corpus: ``"fiction"`` (the five calibration novels), ``"code"`` or ``"prose"``."""
+    if part == "fiction":
+        return load_default_corpus("calibration")
+    if part not in MIXED_SHARES:
+        raise ValueError(f"part must be one of {sorted(MIXED_SHARES)}, got {part!r}")
+    path = resources.files("optimum_mosaic") / "data" / "mixed" / f"{part}.txt.gz"
+    return gzip.decompress(path.read_bytes()).decode("utf-8")
+
+
+def _shares(total: int, shares: dict[str, float]) -> dict[str, int]:
+    """``total`` split by ``shares`` with largest remainders (ties in the dict's order)."""
+    exact = {k: total * v for k, v in shares.items()}
+    counts = {k: int(v) for k, v in exact.items()}
+    for k in sorted(exact, key=lambda k: counts[k] - exact[k])[: total - sum(counts.values())]:
+        counts[k] += 1
+    return counts
+
+
+def mixed_windows(tokenizer, nsamples: int, seqlen: int, seed: int, holdout: int = 0):
+    """``(calibration, held_out)`` windows of the mixed corpus: each part gives its share of both (largest
+    remainders), drawn by one seeded permutation per part; a part with too few windows gives all it has and
+    fiction the rest. The calibration windows are then put in one seeded random order."""
+    generator = torch.Generator().manual_seed(seed)
+    bos = bos_id(tokenizer) if tokenizer else None
+    pools = {p: split_windows(tokenize(tokenizer, load_mixed_part(p), chunk=None), seqlen, bos) for p in MIXED_SHARES}
+    calib, held = _shares(nsamples, MIXED_SHARES), _shares(holdout, MIXED_SHARES)
+    for part in ("code", "prose"):  # short parts hand their deficit to fiction
+        for counts in (calib, held):
+            spare = pools[part].shape[0] - calib[part] - held[part]
+            if spare < 0:
+                cut = min(-spare, counts[part])
+                counts[part] -= cut
+                counts["fiction"] += cut
+    out_calib, out_held = [], []
+    for part, pool in pools.items():
+        need = calib[part] + held[part]
+        if pool.shape[0] < need:
+            raise CalibrationError(
+                f"the mixed corpus holds {pool.shape[0]} {part} windows of {seqlen} tokens, {need} are needed:"
+                " lower nsamples or seqlen"
+            )
+        order = torch.randperm(pool.shape[0], generator=generator)[:need]
+        out_calib.append(pool[order[: calib[part]]])
+        out_held.append(pool[order[calib[part] :]])
+    calibration = torch.cat(out_calib)
+    calibration = calibration[torch.randperm(calibration.shape[0], generator=generator)]
+    return calibration, torch.cat(out_held)
 
 
 def bos_id(tokenizer) -> int | None:
@@ -128,15 +188,19 @@ def split_windows(ids: torch.Tensor, seqlen: int, bos: int | None = None) -> tor
     return windows
 
 
-def sample_windows(tokenizer, data, nsamples: int, seqlen: int, seed: int, holdout: int = 0):
+def sample_windows(tokenizer, data, nsamples: int, seqlen: int, seed: int, holdout: int = 0, corpus="austen"):
     """``(calibration, held_out)`` windows drawn without overlap by a seeded permutation.
 
-    ``data=None`` uses the bundled calibration corpus; 2-D token ids of at least ``seqlen`` columns
+    ``data=None`` uses the bundled calibration corpus ``corpus`` (``"austen"`` or ``"mixed"``: ``mixed_windows``); 2-D token ids of at least ``seqlen`` columns
     are taken as windows already. Text is drawn from a bounded prefix: its first ``CHUNK_CHARS`` characters, and
     beyond them only as much as holds ``POOL × (nsamples + holdout)`` windows (so a text of any size takes bounded
     memory; a text up to ``CHUNK_CHARS`` long, and the bundled corpus, are used whole, as before). Raises
     ``CalibrationError`` when the text holds fewer than ``nsamples + holdout`` windows of ``seqlen`` tokens.
     """
+    if data is None and corpus == "mixed":
+        return mixed_windows(tokenizer, nsamples, seqlen, seed, holdout)
+    if corpus not in CORPORA:
+        raise ValueError(f"corpus must be one of {CORPORA}, got {corpus!r}")
     chunk = None if data is None else CHUNK_CHARS  # the bundled corpus (3.6 M characters) is tokenised whole
     if data is None:
         data = load_default_corpus("calibration")
