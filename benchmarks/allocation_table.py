@@ -61,7 +61,12 @@ def main() -> None:
     for name, backend, sparsity in jobs:
         pruner = Pruner(copy.deepcopy(dense), pruner.tokenizer)
         config = PrunedConfig(
-            sparsity=sparsity, pruner=backend, nsamples=args.nsamples, seqlen=args.seqlen, **RUNS[name]
+            sparsity=sparsity,
+            pruner=backend,
+            nsamples=args.nsamples,
+            seqlen=args.seqlen,
+            calibration_corpus="austen",
+            **RUNS[name],
         )
         start = time.perf_counter()
         pruner.prune(config)

@@ -50,7 +50,9 @@ def main() -> None:
             layer_walk.unit_options = functools.partial(unit_options, bias=bias)
             pruner = Pruner.from_pretrained(args.model)
             start = time.perf_counter()
-            pruner.prune(PrunedConfig(nsamples=args.nsamples, seqlen=args.seqlen, **VARIANTS[name]))
+            pruner.prune(
+                PrunedConfig(nsamples=args.nsamples, seqlen=args.seqlen, calibration_corpus="austen", **VARIANTS[name])
+            )
             elapsed = time.perf_counter() - start
             model = pruner.model
             row = {

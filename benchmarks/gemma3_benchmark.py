@@ -79,7 +79,9 @@ def main() -> None:
         if name in done:
             continue
         pruner.model.load_state_dict(dense)
-        config = PrunedConfig(sparsity=args.sparsity, nsamples=args.nsamples, seqlen=args.seqlen, **kwargs)
+        config = PrunedConfig(
+            sparsity=args.sparsity, nsamples=args.nsamples, seqlen=args.seqlen, calibration_corpus="austen", **kwargs
+        )
         tic = time.perf_counter()
         pruner.prune(config)
         prune_s = round(time.perf_counter() - tic, 1)

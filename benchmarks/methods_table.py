@@ -105,7 +105,9 @@ def main() -> None:
             if (name, sparsity) in done:
                 continue
             pruner = Pruner(copy.deepcopy(dense), pruner.tokenizer)
-            config = PrunedConfig(sparsity=sparsity, nsamples=args.nsamples, seqlen=args.seqlen, **RUNS[name])
+            config = PrunedConfig(
+                sparsity=sparsity, nsamples=args.nsamples, seqlen=args.seqlen, calibration_corpus="austen", **RUNS[name]
+            )
             start = time.perf_counter()
             pruner.prune(config)
             elapsed = time.perf_counter() - start  # before the evaluation below

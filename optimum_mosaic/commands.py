@@ -34,7 +34,7 @@ _TOGETHER = """options that go together:
                               projection_official; --search-samples sets how many held-out windows score them
   --structured-units          only with --structured-sparsity > 0
   --tokenizer                 for a --model that holds none (saved by model.save_pretrained alone)
-  --dampening, --block-size, --saliency   only used by --pruner sparsegpt
+  --block-size, --saliency    used by the SparseGPT pruners (sparsegpt, sparsegpt_refit, alps_warm)
   --hessian-samples           only used by --allocation sensitivity_hutchinson
   --batch-size                only used with --sequential layer (projection runs all windows as one batch)
   --overwrite                 with --output: replace a non-empty directory that is not an optimum-mosaic checkpoint

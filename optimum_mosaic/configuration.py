@@ -86,6 +86,13 @@ class PrunedConfig:
     nsamples: int = field(default=128, metadata={"help": "Number of calibration windows."})
     seqlen: int = field(default=2048, metadata={"help": "Tokens per calibration window."})
     seed: int = field(default=0, metadata={"help": "Seed of the calibration window sampler."})
+    calibration_corpus: str = field(
+        default="mixed",
+        metadata={
+            "help": "Bundled corpus calibrated on when no calibration data is passed: mixed (default: fiction, Python "
+            "code and technical prose; data/README.md) or austen (five novels)."
+        },
+    )
     targets: list[str] = field(
         default_factory=lambda: list(PROJECTIONS),
         metadata={"help": "Projections to prune (canonical keys q k v o gate up down)."},
@@ -95,7 +102,11 @@ class PrunedConfig:
         metadata={"help": "Regular expressions; linear modules whose full name matches one are left dense."},
     )
     dampening: float = field(
-        default=0.01, metadata={"help": "SparseGPT: dampening added to diag(H), as a fraction of its mean."}
+        default=0.01,
+        metadata={
+            "help": "Ridge added to diag(H), as a fraction of its mean, in every Hessian solve (SparseGPT, ALPS, "
+            "structured OBS)."
+        },
     )
     block_size: int = field(default=128, metadata={"help": "SparseGPT: columns per lazy-update block."})
     saliency: str = field(
@@ -231,12 +242,9 @@ class PrunedConfig:
             value = getattr(self, name)
             if (value is not None or name == "pruner") and not is_method("unstructured", value):
                 raise ValueError(f"{name}: must be one of {list_methods('unstructured')}, got {value!r}")
+        builtin = self.pruner in BUILTIN_METHODS["unstructured"]
         for name, users in _KERNEL_OPTIONS.items():  # silently ignored by the other built-in pruners otherwise
-            if (
-                getattr(self, name) is not None
-                and self.pruner in BUILTIN_METHODS["unstructured"]
-                and self.pruner not in users
-            ):
+            if getattr(self, name) is not None and builtin and self.pruner not in users:
                 raise ValueError(f"{name}: used only by pruner {' / '.join(users)}, not {self.pruner!r}; drop it")
         if self.search_grid and not self.allocation.startswith("projection"):
             auto = [n for n in ("lamda", "outlier_threshold") if getattr(self, n) == AUTO]
@@ -252,12 +260,8 @@ class PrunedConfig:
             self.lamda = float(self.lamda)
             _check(-0.5 < self.lamda < 0.5, "lamda", f"must be 'auto' or in (-0.5, 0.5), got {self.lamda}")
         if self.outlier_threshold != AUTO:
-            self.outlier_threshold = float(self.outlier_threshold)
-            _check(
-                self.outlier_threshold > 1.0,
-                "outlier_threshold",
-                f"must be 'auto' or > 1, got {self.outlier_threshold}",
-            )
+            self.outlier_threshold = m = float(self.outlier_threshold)
+            _check(m > 1.0, "outlier_threshold", f"must be 'auto' or > 1, got {m}")
         _check(
             0.0 <= float(self.structured_sparsity) <= self.sparsity,
             "structured_sparsity",
@@ -271,12 +275,10 @@ class PrunedConfig:
             "structured_units",
             f"must be a non-empty subset of ['mlp', 'attention'], got {self.structured_units}",
         )
-        _check(
-            self.sequential in ("projection", "layer"),
-            "sequential",
-            f"must be 'projection' or 'layer', got {self.sequential!r}",
-        )
-        _check(self.saliency in ("obs", "isc"), "saliency", f"must be 'obs' or 'isc', got {self.saliency!r}")
+        for name, choices in (("sequential", ("projection", "layer")), ("saliency", ("obs", "isc")),
+                              ("calibration_corpus", ("austen", "mixed"))):  # fmt: skip
+            value = getattr(self, name)
+            _check(value in choices, name, f"must be {' or '.join(map(repr, choices))}, got {value!r}")
         for name in ("nsamples", "seqlen", "block_size", "search_samples", "hessian_samples"):
             _check(
                 int(getattr(self, name)) >= (2 if name == "seqlen" else 1),

@@ -12,7 +12,7 @@ from .allocation.outliers import OutlierProfile
 from .allocation.search import search_allocation, search_grid, search_thresholds
 from .allocation.sensitivity import hutchinson_traces
 from .architectures import check_structured, decoder_layers, get_arch_spec
-from .calibration.data import sample_windows
+from .calibration.data import CORPUS_NAMES, sample_windows
 from .calibration.distributed import barrier, shard_windows, world
 from .calibration.layerwise import (
     Activations,
@@ -202,13 +202,15 @@ class Pruner(LayerWalk):
         if self.tokenizer is None and not isinstance(data, torch.Tensor):
             raise ValueError("calibration text needs a tokenizer: Pruner(model, tokenizer), or pass token ids")
         holdout = config.search_samples if config.search_grid and config.allocation.startswith("projection") else 0
-        windows, heldout = sample_windows(self.tokenizer, data, config.nsamples, config.seqlen, config.seed, holdout)
+        windows, heldout = sample_windows(
+            self.tokenizer, data, config.nsamples, config.seqlen, config.seed, holdout, config.calibration_corpus
+        )
         self._calibration = {
             "nsamples": config.nsamples,
             "seqlen": config.seqlen,
             "seed": config.seed,
             "held_out": holdout,
-            "source": "bundled Austen novels" if data is None else "user data",
+            "source": CORPUS_NAMES[config.calibration_corpus] if data is None else "user data",
         }
         self._windows = windows
         windows = shard_windows(windows)  # this process's share when launched on several

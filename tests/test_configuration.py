@@ -7,6 +7,7 @@ def test_defaults_and_auto_resolution():
     c = PrunedConfig()  # the measured best within 1.5x SparseGPT's time (issue 12; README "Defaults")
     assert (c.sparsity, c.allocation, c.pruner, c.nsamples, c.seqlen) == (0.5, "uniform", "alps_warm", 128, 2048)
     assert (c.dampening, c.block_size, c.structured_sparsity) == (0.01, 128, 0.0) and not c.search_grid
+    assert c.calibration_corpus == "mixed"  # issue 19: held-out code and prose windows
     mosaic = PrunedConfig(allocation="projection")  # Mosaic's own allocation searches λ and M
     assert (mosaic.lamda, mosaic.outlier_threshold) == ("auto", "auto")
     owl = PrunedConfig(allocation="layer")
