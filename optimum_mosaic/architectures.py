@@ -51,6 +51,8 @@ class ArchSpec:
     input_groups: tuple[tuple[str, ...], ...] = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
     structured_units: tuple[str, ...] = UNITS  # units structured pruning can remove in this family
     config_keys: dict[str, str] = field(default_factory=lambda: dict(_LLAMA_CONFIG_KEYS))
+    # norms that read a projection's output before the residual add (Gemma-2/3): projection key → path in the layer
+    post_norms: dict[str, str] = field(default_factory=dict)
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -107,6 +109,11 @@ class RowSlice:
 
 
 _LLAMA = ArchSpec(layers="model.layers", decoder="model")
+_GEMMA2 = ArchSpec(
+    layers="model.layers",
+    decoder="model",
+    post_norms={"o": "post_attention_layernorm", "down": "post_feedforward_layernorm"},
+)
 _PHI3 = ArchSpec(
     layers="model.layers",
     decoder="model",
@@ -139,8 +146,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "qwen2": _LLAMA,
     "qwen3": _LLAMA,
     "gemma": _LLAMA,
-    "gemma2": _LLAMA,
-    "gemma3_text": _LLAMA,
+    "gemma2": _GEMMA2,
+    "gemma3_text": _GEMMA2,
     "phi3": _PHI3,
     "opt": _OPT,
 }

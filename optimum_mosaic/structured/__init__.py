@@ -18,6 +18,7 @@ __all__ = [
     "layer_cuts",
     "layer_shape",
     "model_shapes",
+    "output_gain",
     "plan_cuts",
     "remove_units",
     "unit_options",
@@ -41,20 +42,46 @@ def model_shapes(model, spec: ArchSpec) -> dict[int, LayerShape]:
     return {i: layer_shape(layer, spec) for i, layer in enumerate(decoder_layers(model, spec))}
 
 
-def _obs_state(linear, stats, dampening: float, bias: bool) -> StructuredOBS:
-    """Structured-OBS state of ``linear`` on its input statistics; ``bias``: with the constant input column."""
-    intercept = (stats.total, stats.tokens, linear.bias) if bias else None
-    return StructuredOBS(linear.weight, stats.hessian, dampening, intercept)
+@torch.no_grad()
+def output_gain(layer, spec: ArchSpec, key: str, linear, stats) -> torch.Tensor | None:
+    """First-order gain ``g = |γ| / rms(y)`` of the norm that reads ``y = W x`` before the residual add
+    (``spec.post_norms``, Gemma-2/3): an error ``e`` in ``y`` reaches the residual stream as about ``g ⊙ e``, so
+    removal costs are ``Σ_r g_r² e_r²``. ``γ`` is the norm's output on a vector of ones (its effective weight,
+    Gemma's ``1 + w``); ``rms(y)² = tr(W H Wᵀ) / (tokens · d_out)`` from the input Hessian. ``None``: no post-norm."""
+    path = spec.post_norms.get(key)
+    if path is None:
+        return None
+    norm = layer.get_submodule(path)
+    W = linear.weight.detach().to(torch.float64)
+    probe = torch.ones(1, W.shape[0], dtype=next(norm.parameters()).dtype, device=W.device)
+    gamma = norm(probe).reshape(-1).to(torch.float64).abs()
+    power = torch.einsum("ij,jk,ik->", W, stats.hessian.to(torch.float64), W) / (max(stats.tokens, 1) * W.shape[0])
+    return gamma / power.clamp_min(torch.finfo(torch.float64).tiny).sqrt()
+
+
+def _obs_state(linear, stats, dampening: float, bias: bool, gain: torch.Tensor | None = None) -> StructuredOBS:
+    """Structured-OBS state of ``linear`` on its input statistics; ``bias``: with the constant input column;
+    ``gain``: output rows scaled by it (``output_gain``), so that costs are measured after the post-norm."""
+    weight, current = linear.weight, linear.bias
+    if gain is not None:  # the compensation is per output row, so scaling rows and unscaling (_store) is exact
+        weight = weight.detach().to(torch.float64) * gain.view(-1, 1)
+        current = None if current is None else current.detach().to(torch.float64) * gain
+    intercept = (stats.total, stats.tokens, current) if bias else None
+    return StructuredOBS(weight, stats.hessian, dampening, intercept)
 
 
 @torch.no_grad()
-def _store(linear, state: StructuredOBS) -> None:
-    linear.weight.copy_(state.weight)
-    if state.bias is not None:
+def _store(linear, state: StructuredOBS, gain: torch.Tensor | None = None) -> None:
+    weight, bias = state.weight, state.bias
+    if gain is not None:
+        weight = weight / gain.view(-1, 1)
+        bias = None if bias is None else bias / gain
+    linear.weight.copy_(weight)
+    if bias is not None:
         if linear.bias is None:
-            linear.bias = torch.nn.Parameter(state.bias.to(linear.weight.dtype))
+            linear.bias = torch.nn.Parameter(bias.to(linear.weight.dtype))
         else:
-            linear.bias.copy_(state.bias)
+            linear.bias.copy_(bias)
 
 
 @torch.no_grad()
@@ -66,14 +93,15 @@ def unit_options(
     p, shape = layer_projections(layer, spec), layer_shape(layer, spec)
     options = {}
     if "mlp" in units:
-        state = _obs_state(p["down"], stats["down"], dampening, bias)
+        gain = output_gain(layer, spec, "down", p["down"], stats["down"])
+        state = _obs_state(p["down"], stats["down"], dampening, bias, gain)
         _, steps = greedy_channels(state, int(MAX_CHANNEL_REMOVAL * shape.intermediate))
         options["mlp"], removed, cost = [Option(0, 0, 0.0)], 0, 0.0
         for count, eps in steps:
             removed, cost = removed + count, cost + eps
             options["mlp"].append(Option(removed, removed * shape.mlp_matrices * shape.hidden, cost / scale))
     if "attention" in units:
-        state = _obs_state(p["o"], stats["o"], dampening, bias)
+        state = _obs_state(p["o"], stats["o"], dampening, bias, output_gain(layer, spec, "o", p["o"], stats["o"]))
         whole = shape.attention_params
         options["attention"] = []
         for groups in range(1, shape.kv_heads + 1):
@@ -99,15 +127,17 @@ def remove_units(
         "groups": torch.arange(shape.kv_heads),
     }
     if (cut.groups, cut.heads_per_group) != (whole.groups, whole.heads_per_group):
-        state = _obs_state(p["o"], stats["o"], dampening, bias)
+        gain = output_gain(layer, spec, "o", p["o"], stats["o"])
+        state = _obs_state(p["o"], stats["o"], dampening, bias, gain)
         keep["heads"], keep["groups"], _ = greedy_heads(
             state, shape.head_dim, shape.kv_heads, cut.groups, cut.heads_per_group
         )
-        _store(p["o"], state)
+        _store(p["o"], state, gain)
     if cut.channels < shape.intermediate:
-        state = _obs_state(p["down"], stats["down"], dampening, bias)
+        gain = output_gain(layer, spec, "down", p["down"], stats["down"])
+        state = _obs_state(p["down"], stats["down"], dampening, bias, gain)
         keep["channels"], _ = greedy_channels(state, shape.intermediate - cut.channels)
-        _store(p["down"], state)
+        _store(p["down"], state, gain)
     apply_cuts(layer, spec, keep)
     return keep
 
