@@ -246,5 +246,3 @@ def checkpoint_directory(target: str | Path, overwrite: bool = False, merge: boo
         install_checkpoint(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-

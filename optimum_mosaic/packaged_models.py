@@ -121,7 +121,9 @@ def _card_metadata(path: Path) -> dict:
     try:
         from huggingface_hub import ModelCard
 
-        return ModelCard(readme.read_text(encoding="utf-8", errors="replace"), ignore_metadata_errors=True).data.to_dict()
+        return ModelCard(
+            readme.read_text(encoding="utf-8", errors="replace"), ignore_metadata_errors=True
+        ).data.to_dict()
     except Exception:  # noqa: BLE001 - a malformed card only means no metadata
         return {}
 

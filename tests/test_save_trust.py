@@ -139,8 +139,11 @@ def edit_sidecar(ck, **changes):
 
 @pytest.mark.parametrize(
     "changes, field",
-    [({"achieved_sparsity": 0.9}, "achieved_sparsity"), ({"per_type": {"q": 0.9}}, "per_type"),
-     ({"per_layer": {"0": 0.5, "1": 0.5, "2": 0.7}}, r"per_layer\[2\]")],
+    [
+        ({"achieved_sparsity": 0.9}, "achieved_sparsity"),
+        ({"per_type": {"q": 0.9}}, "per_type"),
+        ({"per_layer": {"0": 0.5, "1": 0.5, "2": 0.7}}, r"per_layer\[2\]"),
+    ],
 )
 def test_an_edited_sidecar_figure_is_refused(tmp_path, changes, field):
     """Audit 3: achieved_sparsity 0.9 written into a 50 % checkpoint's sidecar used to load and reach the card."""
@@ -181,8 +184,10 @@ def _card_row(pruner: str) -> str:
 
 @pytest.mark.parametrize(
     "card, expected",
-    [("---\nlicense: mit\nbase_model: someone/base-7b\n---\n# base\n", ("mit", "someone/base-7b")),
-     ("# no metadata\n", (None, None))],
+    [
+        ("---\nlicense: mit\nbase_model: someone/base-7b\n---\n# base\n", ("mit", "someone/base-7b")),
+        ("# no metadata\n", (None, None)),
+    ],
 )
 def test_licence_and_base_model_come_from_the_source_checkpoint(tmp_path, card, expected):
     """Audit 4: licence and base_model used to reach the card only for a packaged alias."""
@@ -249,8 +254,9 @@ import optimum_mosaic
 from transformers import AutoTokenizer
 print("LOADED", type(AutoTokenizer.from_pretrained({str(ck)!r})).__name__)
 """
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                          timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300
+    )
     assert "LOADED" in done.stdout and "custom code" not in done.stdout + done.stderr, done.stderr[-2000:]
 
 

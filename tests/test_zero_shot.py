@@ -60,7 +60,12 @@ def direct(model, tasks_dir, names) -> dict:
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer(), batch_size=1, device="cpu")
     out = simple_evaluate(model=lm, tasks=names, task_manager=TaskManager(include_path=str(tasks_dir)), num_fewshot=0)
-    return {(t, k.split(",")[0]): v for t in names for k, v in out["results"][t].items() if k in ("acc,none", "acc_norm,none")}
+    return {
+        (t, k.split(",")[0]): v
+        for t in names
+        for k, v in out["results"][t].items()
+        if k in ("acc,none", "acc_norm,none")
+    }
 
 
 def test_a_local_task_gives_what_lm_eval_gives_directly(tasks, checkpoints, capsys):
@@ -102,8 +107,12 @@ def test_an_unknown_task_is_one_line(tasks, checkpoints, capsys):
 
 @pytest.mark.parametrize(
     "argv, message",
-    [(["--limit", "3"], "--include-path and --limit go with --tasks"), (["--domains", "poetry"], "unknown domain"),
-     (["--tasks", ","], "at least one task"), (["--text", "x.txt", "--domains", "all"], "give one")],
+    [
+        (["--limit", "3"], "--include-path and --limit go with --tasks"),
+        (["--domains", "poetry"], "unknown domain"),
+        (["--tasks", ","], "at least one task"),
+        (["--text", "x.txt", "--domains", "all"], "give one"),
+    ],
 )
 def test_eval_option_errors(checkpoints, capsys, argv, message):
     root, _ = checkpoints
