@@ -88,3 +88,18 @@ def test_removal_after_a_post_norm_compensates_as_plain_least_squares_on_the_kep
     A = torch.cat([X, lam.sqrt() * torch.eye(X.shape[1], dtype=torch.float64)])
     solution = torch.linalg.lstsq(A[:, keep], A @ W.T).solution.T
     torch.testing.assert_close(p["down"].weight.double(), solution, rtol=1e-4, atol=1e-5)
+
+
+def test_a_row_the_norm_silences_neither_counts_nor_breaks_the_removal():
+    model, layer = _gemma3_layer(2)
+    with torch.no_grad():  # Gemma-3-270M has norm weights of exactly -1: effective weight 0
+        layer.post_feedforward_layernorm.weight[:3] = -1.0
+    spec, p = get_arch_spec(model), layer_projections(layer, get_arch_spec(model))
+    shape = layer_shape(layer, spec)
+    X = _inputs(300, shape.intermediate, 8)
+    stats = {"down": _stats(X), "o": _stats(_inputs(300, p["o"].in_features, 9))}
+    gain = output_gain(layer, spec, "down", p["down"], stats["down"])
+    assert (gain[:3] > 0).all() and (gain[:3] < 1e-5 * gain.mean()).all()
+    cut = LayerCut(shape.intermediate - 10, shape.kv_heads, shape.heads // shape.kv_heads)
+    remove_units(layer, spec, stats, cut, dampening=0.01)
+    assert torch.isfinite(layer_projections(layer, spec)["down"].weight).all()

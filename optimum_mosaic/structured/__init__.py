@@ -47,7 +47,8 @@ def output_gain(layer, spec: ArchSpec, key: str, linear, stats) -> torch.Tensor 
     """First-order gain ``g = |γ| / rms(y)`` of the norm that reads ``y = W x`` before the residual add
     (``spec.post_norms``, Gemma-2/3): an error ``e`` in ``y`` reaches the residual stream as about ``g ⊙ e``, so
     removal costs are ``Σ_r g_r² e_r²``. ``γ`` is the norm's output on a vector of ones (its effective weight,
-    Gemma's ``1 + w``); ``rms(y)² = tr(W H Wᵀ) / (tokens · d_out)`` from the input Hessian. ``None``: no post-norm."""
+    Gemma's ``1 + w``); ``rms(y)² = tr(W H Wᵀ) / (tokens · d_out)`` from the input Hessian; floored at 1e-6 × its mean.
+    ``None``: no post-norm."""
     path = spec.post_norms.get(key)
     if path is None:
         return None
@@ -56,7 +57,8 @@ def output_gain(layer, spec: ArchSpec, key: str, linear, stats) -> torch.Tensor 
     probe = torch.ones(1, W.shape[0], dtype=next(norm.parameters()).dtype, device=W.device)
     gamma = norm(probe).reshape(-1).to(torch.float64).abs()
     power = torch.einsum("ij,jk,ik->", W, stats.hessian.to(torch.float64), W) / (max(stats.tokens, 1) * W.shape[0])
-    return gamma / power.clamp_min(torch.finfo(torch.float64).tiny).sqrt()
+    gain = gamma / power.clamp_min(torch.finfo(torch.float64).tiny).sqrt()
+    return gain.clamp_min(1e-6 * float(gain.mean()))  # γ = 0 rows (Gemma-3 has some): ~no weight, no 1/0 in _store
 
 
 def _obs_state(linear, stats, dampening: float, bias: bool, gain: torch.Tensor | None = None) -> StructuredOBS:
