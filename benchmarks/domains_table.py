@@ -4,9 +4,11 @@
     python benchmarks/domains_table.py --model gemma3-270m --sparsities 0.7 --runs "uniform SparseGPT" default
     python benchmarks/domains_table.py --resume                          # keeps the finished rows of --out
 
-Calibration: the bundled Austen novels (32 × 512 windows, seed 0), as a user who passes no data. Decision metric
-(the only one any choice may use): mean NLL on 8 held-out calibration windows. Reported, never used to choose:
-perplexity on the first ``--eval-windows`` × 512 tokens of each domain of ``optimum_mosaic.domains`` (Persuasion
+Calibration: 32 × 512 windows (seed 0) of the bundled corpus the run names: ``PrunedConfig()``'s (the mixed corpus
+since issue 19) or the Austen novels (the only corpus before it). Decision metric (the only one any choice may use):
+mean NLL on 16 held-out calibration windows, reported per part: 8 Austen windows (fiction), 4 code and 4 technical
+prose windows of the mixed corpus (none of them in any run's calibration windows: asserted). Reported, never used to
+choose: perplexity on the first ``--eval-windows`` × 512 tokens of each domain of ``optimum_mosaic.domains`` (Persuasion
 is in-domain: same author as the calibration) and accuracy on the package's offline lm-eval tasks
 (``optimum_mosaic.zero_shot``; first ``--task-limit`` examples). Every run prunes a fresh copy of the dense model;
 prune time is the prune alone. Writes ``benchmarks/results/domains_<model>.json`` after every row.
@@ -24,20 +26,23 @@ from pathlib import Path
 import torch
 
 from optimum_mosaic import PrunedConfig, Pruner, perplexity
-from optimum_mosaic.calibration.data import sample_windows
+from optimum_mosaic.calibration.data import MIXED_SHARES, _shares, mixed_windows, sample_windows
 from optimum_mosaic.domains import DOMAINS, domain_text
 from optimum_mosaic.evaluation import mean_nll
 from optimum_mosaic.zero_shot import evaluate_tasks, task_manager
 
+AUSTEN = dict(calibration_corpus="austen")
 RUNS = {
     "dense": None,
-    "uniform SparseGPT": dict(allocation="uniform", pruner="sparsegpt"),
-    "default": dict(),  # whatever PrunedConfig() does today
-    "uniform ALPS": dict(allocation="uniform", pruner="alps"),
-    "uniform ALPS-warm (ρ₀ 0.3, 12 it, 3 CG)": dict(
-        allocation="uniform", pruner="alps_warm", admm_rho=0.3, admm_iterations=12, cg_iterations=3
-    ),
-    "projection (auto) SparseGPT": dict(allocation="projection", pruner="sparsegpt"),  # the default before issue 12
+    "uniform SparseGPT": dict(allocation="uniform", pruner="sparsegpt", **AUSTEN),
+    "uniform SparseGPT, mixed corpus": dict(allocation="uniform", pruner="sparsegpt", calibration_corpus="mixed"),
+    "default": dict(),  # whatever PrunedConfig() does today (since issue 19: uniform ALPS-warm on the mixed corpus)
+    "ALPS-warm, Austen (default before issue 19)": dict(allocation="uniform", pruner="alps_warm", **AUSTEN),
+    "ALPS-warm, Austen, δ 0.1": dict(allocation="uniform", pruner="alps_warm", dampening=0.1, **AUSTEN),
+    "ALPS-warm, Austen, δ 0.3": dict(allocation="uniform", pruner="alps_warm", dampening=0.3, **AUSTEN),
+    "ALPS-warm, mixed corpus, δ 0.1": dict(allocation="uniform", pruner="alps_warm", dampening=0.1),
+    "uniform ALPS": dict(allocation="uniform", pruner="alps", **AUSTEN),
+    "projection (auto) SparseGPT": dict(allocation="projection", pruner="sparsegpt", **AUSTEN),  # before issue 12
     "composite β=0.2 (default pruner)": dict(structured_sparsity=0.2),
     "structured only (MLP channels)": dict(structured_sparsity="all"),  # coarse-grained: all of S as whole units
 }
@@ -45,16 +50,52 @@ TASKS = ("mosaic_lastword_persuasion", "mosaic_nextsent_persuasion", "mosaic_las
          "mosaic_nextsent_shakespeare")  # fmt: skip
 
 
-def quality(model, tokenizer, args, manager, unseen) -> dict:
+def held_out_windows(tokenizer, args) -> dict[str, torch.Tensor]:
+    """Held-out calibration windows per part (the only data a choice may use): fiction from the Austen draw's
+    held-out windows, code and technical prose from the mixed corpus's (disjoint from either corpus's
+    calibration windows at this nsamples / seqlen / seed 0)."""
+    fiction = sample_windows(tokenizer, None, args.nsamples, args.seqlen, 0, 16)[1][8:]
+    held = mixed_windows(tokenizer, args.nsamples, args.seqlen, 0, 16)[1]
+    counts = _shares(16, MIXED_SHARES)
+    return {"fiction": fiction, "code": held[counts["fiction"] : -counts["prose"]], "prose": held[-counts["prose"] :]}
+
+
+def quality(model, tokenizer, args, manager, held_out) -> dict:
     ppl = {
         d: round(perplexity(model, tokenizer, domain_text(d), args.seqlen, args.eval_windows, progress=False), 3)
         for d in DOMAINS
     }
-    start = time.perf_counter()
-    rows = evaluate_tasks(model, tokenizer, TASKS, limit=args.task_limit, batch_size=8, manager=manager)
-    tasks = {f"{r.task}/{r.metric}": [round(r.value, 4), round(r.stderr or 0.0, 4)] for r in rows}
-    return {"ppl": ppl, "tasks": tasks, "calib_nll": round(mean_nll(model, unseen, 4), 5),
-            "eval_tasks_s": round(time.perf_counter() - start, 1)}  # fmt: skip
+    nll = {part: round(mean_nll(model, windows, 4), 5) for part, windows in held_out.items()}
+    row = {"ppl": ppl, "calib_nll": nll["fiction"], "held_out_nll": nll}
+    if args.task_limit:
+        start = time.perf_counter()
+        rows = evaluate_tasks(model, tokenizer, TASKS, limit=args.task_limit, batch_size=16, manager=manager)
+        row["tasks"] = {f"{r.task}/{r.metric}": [round(r.value, 4), round(r.stderr or 0.0, 4)] for r in rows}
+        row["eval_tasks_s"] = round(time.perf_counter() - start, 1)
+    return row
+
+
+def markdown(rows: list[dict], baseline: str = "uniform SparseGPT") -> str:
+    """The rows as a table, by sparsity then in ``RUNS`` order; perplexity ratios against ``baseline`` at the same
+    sparsity; the decision column is the mean NLL over the 16 held-out windows (8 fiction, 4 code, 4 prose)."""
+    head = "| run | S | prune s | held-out NLL: mean (fiction / code / prose) | " + " | ".join(DOMAINS) + " |"
+    lines = [head, "|" + "---|" * (4 + len(DOMAINS))]
+    base = {r["sparsity"]: r for r in rows if r["run"] == baseline}
+    order = list(RUNS)
+    for r in sorted(rows, key=lambda r: (r["sparsity"], order.index(r["run"]) if r["run"] in order else 99)):
+        parts = r.get("held_out_nll")
+        nll = f"{r['calib_nll']:.3f} (fiction only)"
+        if parts:
+            mean = (8 * parts["fiction"] + 4 * parts["code"] + 4 * parts["prose"]) / 16
+            nll = f"{mean:.3f} ({' / '.join(f'{v:.3f}' for v in parts.values())})"
+        cells = []
+        for d in DOMAINS:
+            ref = base.get(r["sparsity"])
+            ratio = f" ({r['ppl'][d] / ref['ppl'][d]:.3f}×)" if ref and r is not ref and r["sparsity"] else ""
+            cells.append(f"{r['ppl'][d]:.2f}{ratio}")
+        prune = f"{r['prune_s']:.1f}" if r["sparsity"] else "–"
+        lines.append(f"| {r['run']} | {r['sparsity'] or '–'} | {prune} | {nll} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -68,13 +109,17 @@ def main() -> None:
     parser.add_argument("--task-limit", type=int, default=200)
     parser.add_argument("--out", default=None)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--table", action="store_true", help="print --out as a markdown table; prune nothing")
     args = parser.parse_args()
     out = Path(args.out or f"benchmarks/results/domains_{args.model}.json")
+    if args.table:
+        print(markdown(json.loads(out.read_text())["rows"]))
+        return
 
     pruner = Pruner.from_pretrained(args.model)
     dense, tokenizer = pruner.model, pruner.tokenizer
     manager = task_manager(None, TASKS)
-    unseen = sample_windows(tokenizer, None, args.nsamples, args.seqlen, 0, 16)[1][8:]
+    held_out = held_out_windows(tokenizer, args)
     rows = json.loads(out.read_text())["rows"] if args.resume and out.exists() else []
     done = {(r["run"], r["sparsity"]) for r in rows}
     env = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()}
@@ -91,8 +136,10 @@ def main() -> None:
                 start = time.perf_counter()
                 model = pruner.prune(config)
                 elapsed, report = time.perf_counter() - start, pruner.report
+                seen = {tuple(w.tolist()) for w in pruner._windows}
+                assert not any(tuple(w.tolist()) in seen for ws in held_out.values() for w in ws), "overlap"
             row = {"run": name, "sparsity": key[1], "prune_s": round(elapsed, 1)}
-            row.update(quality(model, tokenizer, args, manager, unseen))
+            row.update(quality(model, tokenizer, args, manager, held_out))
             if report is not None:
                 row.update(achieved=report.achieved_sparsity, structured=report.structured_sparsity,
                            timings=report.timings)  # fmt: skip

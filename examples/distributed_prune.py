@@ -36,7 +36,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--pruner", default="sparsegpt")
     parser.add_argument("--nsamples", type=int, default=32, help="calibration windows, shared among the processes")
     parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--text", default=None, help="calibration text (default: bundled novels)")
+    parser.add_argument("--text", default=None, help="calibration text (default: the bundled mixed corpus)")
     parser.add_argument("--output", default="smollm2-pruned")
     args = parser.parse_args(argv)
     text = open(args.text, encoding="utf-8").read() if args.text else None

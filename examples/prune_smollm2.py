@@ -16,7 +16,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=20)
-    parser.add_argument("--text", default=None, help="calibration and evaluation text (default: bundled novels)")
+    parser.add_argument(
+        "--text", default=None, help="calibration and evaluation text (default: bundled mixed corpus, then Persuasion)"
+    )
     parser.add_argument("--output", default="smollm2-composite")
     args = parser.parse_args(argv)
     text = open(args.text, encoding="utf-8").read() if args.text else None

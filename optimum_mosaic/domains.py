@@ -1,7 +1,8 @@
 """Evaluation text of several domains, so that quality is reported beyond the calibration text's own ground.
 
-The bundled calibration corpus is five Austen novels; *Persuasion*, the sixth, is the in-domain evaluation text.
-The others differ in domain and are reproducible on any machine without the Hub:
+The bundled calibration corpora hold five Austen novels (the mixed one also Python code and technical prose, none of
+it below); *Persuasion*, the sixth novel, is the in-domain evaluation text. The others differ in domain and are
+reproducible on any machine without the Hub:
 
 - ``python-code``: Python source, a fixed list of modules of the running interpreter's standard library
   (PSF licence; the text follows the Python version, which results record);
