@@ -111,6 +111,12 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
         "--batch-size", type=int, default=8, help="calibration windows per forward (--sequential layer)"
     )
     parser.add_argument("--offload", action="store_true", help="decoder layers stay on disk, one resident at a time")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "float16", "auto"),
+        help="dtype the model is pruned and saved in; auto: the checkpoint's own (default: float32)",
+    )
     parser.add_argument("--calibration-text", default=None, help="UTF-8 text file to calibrate on (default: bundled)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory or Hub id (default: the model's own)")
     parser.add_argument(
@@ -159,7 +165,7 @@ def run_prune(args) -> dict:
     from .cli_checks import check_free_space, load_tokenizer, writing
     from .pruner import Pruner
 
-    pruner = Pruner.from_pretrained(args.model, device=args.device)
+    pruner = Pruner.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     if args.tokenizer:
         pruner.tokenizer = load_tokenizer(args.tokenizer)
     if args.output:  # before the prune: a save that cannot fit fails now, not after all the work
@@ -264,7 +270,7 @@ def _run_prune_offloaded(args, config) -> dict:
     from .cli_checks import load_tokenizer, writing
     from .pruner import Pruner
 
-    pruner = Pruner.from_pretrained(args.model, device=args.device, offload=True)
+    pruner = Pruner.from_pretrained(args.model, device=args.device, offload=True, dtype=args.dtype)
     if args.tokenizer:
         pruner.tokenizer = load_tokenizer(args.tokenizer)
     with writing(args.output):

@@ -35,7 +35,8 @@ class PrunedModelForCausalLM:
         path = _resolve(path, {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs})
         sidecar = read_sidecar(path)
         _check_weight_files(Path(path))
-        kwargs.setdefault("dtype", torch.float32)
+        if "dtype" not in kwargs:
+            kwargs["dtype"] = _saved_dtype(path, sidecar)
         quantization_config = kwargs.get("quantization_config")
         compressed = sidecar["format_version"] == COMPRESSED_FORMAT_VERSION
         _check_sparse_options(path, compressed, sparse_kernel, quantization_config, kwargs)
@@ -129,6 +130,22 @@ def _check_sparse_options(path: Path, compressed: bool, sparse_kernel: bool, qua
         kwargs["mosaic_decompress"] = False  # materialize() checks the tensors, then decodes or keeps them
     if sparse_kernel and quantization_config is not None:
         raise ValueError("sparse_kernel=True runs unquantized weights; drop quantization_config or sparse_kernel")
+
+
+_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def _saved_dtype(path, sidecar: dict):
+    """The dtype the checkpoint was written in (sidecar ``dtype``; float32 for checkpoints older than the field)."""
+    import torch
+
+    name = sidecar.get("dtype", "float32")
+    if name not in _DTYPES:
+        raise CheckpointMismatchError(
+            f"{Path(path) / SIDECAR_NAME} records dtype {name!r}, none of {list(_DTYPES)}: the sidecar was edited or "
+            "is corrupt; pass dtype=... to load anyway, or re-save the checkpoint"
+        )
+    return getattr(torch, name)
 
 
 def _load_model(path: Path, kwargs: dict):

@@ -58,7 +58,9 @@ class Pruner(LayerWalk):
         """Load a model and tokenizer (a packaged-model alias such as ``smollm2-135m`` works offline).
 
         ``offload=True`` keeps the decoder layers on disk and loads one at a time (``offload.py``): for
-        checkpoints larger than memory; ``prune`` then needs a ``save_directory``."""
+        checkpoints larger than memory; ``prune`` then needs a ``save_directory``. ``dtype``: float32 by default
+        (bf16 matmuls are slow on CPUs without AVX-512 BF16); ``"auto"`` keeps the checkpoint's own (bf16 in →
+        bf16 pruned and saved; statistics are float64 and solves float32 whatever the weights' dtype)."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
         from .packaged_models import DEFAULT_MODEL, clear_gguf_quantizer, resolve_model_path, source_record
@@ -71,12 +73,12 @@ class Pruner(LayerWalk):
         if offload:
             from .offload import LayerStore, load_skeleton
 
-            dtype = load_kwargs.get("dtype", torch.float32)
+            dtype = _resolve_dtype(load_kwargs.get("dtype", torch.float32), path)
             model = load_skeleton(path, dtype)
             return cls(model, _tokenizer(path), device, LayerStore(model, path, dtype), source_record(name, path))
         gguf = {"gguf_file": load_kwargs["gguf_file"]} if "gguf_file" in load_kwargs else {}
         get_arch_spec(AutoConfig.from_pretrained(path, **gguf))  # fail before loading any weights
-        load_kwargs.setdefault("dtype", torch.float32)
+        load_kwargs["dtype"] = _resolve_dtype(load_kwargs.get("dtype", torch.float32), path, gguf)
         model = AutoModelForCausalLM.from_pretrained(path, **load_kwargs)
         if gguf:
             clear_gguf_quantizer(model)
@@ -307,6 +309,19 @@ class Pruner(LayerWalk):
             sparsity_after_prune=round(glob, 6),
             source=dict(self.source),
         )
+
+
+def _resolve_dtype(dtype, path, gguf: dict | None = None) -> torch.dtype:
+    """``dtype`` as a torch dtype: ``"auto"`` is the checkpoint's own (its config's ``dtype``; float32 if unset)."""
+    if dtype == "auto":
+        from transformers import AutoConfig
+
+        dtype = getattr(AutoConfig.from_pretrained(path, **(gguf or {})), "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype={dtype!r}: use 'auto', torch.float32, torch.bfloat16 or torch.float16")
+    return dtype
 
 
 def _tokenizer(path, **kwargs):

@@ -47,8 +47,21 @@ def linear_summary(model, count: bool = True) -> tuple[dict[str, list[int]], dic
     return shapes, zeros
 
 
+def weights_dtype(model) -> str:
+    """The floating dtype the model's weights are in, as transformers reports it (``"bfloat16"``, …)."""
+    return str(model.dtype).removeprefix("torch.")
+
+
 def write_record(
-    staging: Path, target: Path, config, report, shapes: dict, zeros: dict, compressed: dict | None = None, card=None
+    staging: Path,
+    target: Path,
+    config,
+    report,
+    shapes: dict,
+    zeros: dict,
+    compressed: dict | None = None,
+    card=None,
+    dtype: str = "float32",
 ) -> None:
     """The sidecar and the model card of a checkpoint staged in ``staging`` for ``target``.
 
@@ -56,6 +69,7 @@ def write_record(
     else). The card (README.md) is rendered from the staged files and merged into ``card`` (text of an existing
     card; default the README.md already in ``target``), whose text and metadata outside the optimum-mosaic section
     stay. ``compressed``: the ``mosaic_compressed`` spec of a compressed checkpoint (sidecar ``format_version`` 2).
+    ``dtype``: the floating dtype the projections were written in (``PrunedModelForCausalLM`` reloads in it).
     """
     from .configuration import COMPRESSED_FORMAT_VERSION, FORMAT_VERSION, SIDECAR_NAME
     from .model_card import CARD_NAME, write_card
@@ -70,6 +84,7 @@ def write_record(
         "source": report.source,
         "shapes": shapes,
         "zeros": zeros,
+        "dtype": dtype,
         "versions": versions(),
         "files": sorted(files),
     }
@@ -120,7 +135,8 @@ def save_pruned(
         spec = save_model(model, staging, compressed, values_dtype, **save_kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        write_record(staging, target.expanduser(), config, report, shapes, zeros, spec, card)
+        dtype = weights_dtype(model)
+        write_record(staging, target.expanduser(), config, report, shapes, zeros, spec, card, dtype)
     model.mosaic_report = report
     return target
 
@@ -199,4 +215,5 @@ def save_offloaded(store, model, tokenizer, staging: Path, target: Path, config,
     if tokenizer is not None:
         tokenizer.save_pretrained(staging)
     shapes = linear_summary(model, count=False)[0]
-    write_record(staging, Path(target), config, report, shapes, dict(sorted(store.zeros.items())))
+    zeros = dict(sorted(store.zeros.items()))
+    write_record(staging, Path(target), config, report, shapes, zeros, dtype=str(store.dtype).removeprefix("torch."))
