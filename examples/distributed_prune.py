@@ -1,7 +1,8 @@
 """Prune with the calibration spread over several processes, then save from rank 0.
 
 Each process runs the model over its share of the calibration windows; the statistics are sums (‖X_j‖², XᵀX),
-all-reduced over gloo before use, so every process prunes the same weights and ends with the same model. That
+all-reduced over gloo before use; each process then solves a share of every layer's projections and broadcasts
+the results, so every process ends with the same model. That
 model (and its masks) is the one a single process produces only when every process and the single process use
 the same number of torch threads: the float32 forwards round differently at another thread count, and weights
 near the threshold then change sides. The launchers and a plain ``python`` run pick different counts when
@@ -32,8 +33,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--model", default="smollm2-135m", help="packaged alias or local checkpoint")
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--structured-sparsity", type=float, default=0.0)
-    parser.add_argument("--allocation", default="projection")
-    parser.add_argument("--pruner", default="sparsegpt")
+    parser.add_argument("--allocation", default=None, help="default: PrunedConfig's")
+    parser.add_argument("--pruner", default=None, help="default: PrunedConfig's")
     parser.add_argument("--nsamples", type=int, default=32, help="calibration windows, shared among the processes")
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--text", default=None, help="calibration text (default: the bundled mixed corpus)")
@@ -48,13 +49,13 @@ def main(argv=None) -> dict:
     pruner = Pruner.from_pretrained(args.model)
     if rank == 0:
         barrier()
+    methods = {k: v for k, v in (("allocation", args.allocation), ("pruner", args.pruner)) if v is not None}
     config = PrunedConfig(
         sparsity=args.sparsity,
         structured_sparsity=args.structured_sparsity,
-        allocation=args.allocation,
-        pruner=args.pruner,
         nsamples=args.nsamples,
         seqlen=args.seqlen,
+        **methods,
     )
     pruner.prune(config, calibration_dataset=text, save_directory=args.output)  # rank 0 writes, the others wait
     report = pruner.report

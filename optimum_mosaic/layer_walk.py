@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from .allocation.outliers import OutlierProfile, wanda_scores
 from .allocation.sensitivity import input_hessian_proxy
 from .architectures import decoder_layers, layer_projections
-from .calibration.distributed import residual_energy
+from .calibration.distributed import broadcast_object, broadcast_tensor, residual_energy, split_solves, world
 from .calibration.layerwise import Activations, collect_statistics, forward_layer, forward_pruning
 from .configuration import PrunedConfig
 from .report import Targets, count_zeros
@@ -100,8 +100,7 @@ class LayerWalk:
         hessian = "hessian" in kernel.needs
         stats = self._remove_units(layer, acts, idx, targets, cut, config, hessian) if cut else None
         if idx not in targets or not kernel.needs:
-            for proj in targets.get(idx, {}):
-                prune(idx, proj, None)
+            self._solve(targets, idx, list(targets.get(idx, {})), lambda p: None, prune)
             if propagate:
                 acts.hidden = forward_layer(layer, acts, idx)
         elif config.sequential == "projection":
@@ -109,10 +108,27 @@ class LayerWalk:
         else:
             if stats is None:
                 stats, _ = self._layer_statistics(layer, acts, idx, targets, hessian)
-            for proj, s in stats.items():
-                prune(idx, proj, s)
+            self._solve(targets, idx, list(stats), stats.__getitem__, prune)
             if propagate:
                 acts.hidden = forward_layer(layer, acts, idx)
+
+    def _solve(self, targets: Targets, idx: int, projs: list[str], stats_of, prune) -> None:
+        """Prune ``projs`` of layer ``idx`` (``prune(idx, proj, stats_of(proj))``). With several processes each
+        solves its share (``split_solves``: whole projections, balanced by cost) and every result is broadcast
+        from the process that solved it, so all processes hold the weights one process would compute."""
+        rank, size = world()
+        shapes = {p: tuple(targets[idx][p].weight.shape) for p in projs}
+        owners = split_solves(shapes, size)
+        for proj in projs:
+            if owners[proj] == rank:
+                prune(idx, proj, stats_of(proj))
+        if size == 1:
+            return
+        for proj in projs:
+            broadcast_tensor(targets[idx][proj].weight.data, owners[proj])
+            damp = broadcast_object(self._dampening.get(f"{idx}.{proj}"), owners[proj])
+            if damp is not None:
+                self._dampening[f"{idx}.{proj}"] = damp
 
     def _remove_units(self, layer, acts, idx, targets: Targets, cut, config, hessian: bool) -> dict | None:
         """Structured step of layer ``idx``: statistics of the layer as it is, remove units with compensation,
@@ -134,8 +150,7 @@ class LayerWalk:
         members = {o: [p for p, owner in owners.items() if owner == o] for o in set(owners.values())}
 
         def prune_group(owner: str, stats) -> None:
-            for proj in members[owner]:
-                prune(idx, proj, stats)
+            self._solve(targets, idx, members[owner], lambda p: stats, prune)
 
         hooked = {o: targets[idx][o] for o in members}
         return forward_pruning(layer, acts, idx, hooked, hessian, prune_group)

@@ -27,7 +27,6 @@ class PrunedModelForCausalLM:
         Reads the dense layout and the compressed one (sidecar ``format_version`` 2). ``sparse_kernel=True``: the
         projections with at least ``optimum_mosaic.sparse.linear.MIN_SPARSITY`` zeros run on the sparse CPU
         kernel (``SparseLinear``; from a compressed checkpoint without ever holding them dense)."""
-        import torch
 
         from .configuration import COMPRESSED_FORMAT_VERSION
         from .serialization import linear_summary

@@ -79,3 +79,83 @@ def test_fewer_windows_than_processes(monkeypatch):
     monkeypatch.setattr(distributed, "world", lambda: (0, 4))
     with pytest.raises(ValueError, match="3 calibration windows cannot be shared by 4 processes"):
         shard_windows(torch.zeros(3, 8))
+
+
+# -- a whole prune on 2 processes: each solves a share of the projections, all end with the one-process weights --
+PRUNES = {
+    "default (projection walk)": dict(),
+    "sparsegpt, layer walk": dict(pruner="sparsegpt", sequential="layer"),
+    "composite": dict(structured_sparsity=0.2),
+}
+
+
+def _tiny_prune(options: dict, calls: list | None = None):
+    from test_architectures import SMALL, X, tiny
+
+    from optimum_mosaic import PrunedConfig, Pruner
+    from optimum_mosaic.layer_walk import LayerWalk
+
+    original = LayerWalk._prune_one
+
+    def counted(self, targets, plan, kernel, config, idx, proj, stats):
+        if calls is not None and plan[(idx, proj)] > 0:
+            calls.append(f"{idx}.{proj}")
+        return original(self, targets, plan, kernel, config, idx, proj, stats)
+
+    model = tiny("llama")
+    LayerWalk._prune_one = counted
+    try:
+        Pruner(model, None).prune(PrunedConfig(sparsity=0.5, **{**SMALL, **options}), calibration_dataset=X)
+    finally:
+        LayerWalk._prune_one = original
+    return {k: v for k, v in model.state_dict().items()}
+
+
+def _prune_worker(rank: int, init_file: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=timedelta(seconds=120)
+    )
+    try:
+        results = {}
+        for name, options in PRUNES.items():
+            calls = []
+            weights = _tiny_prune(options, calls)
+            shares = [None, None]
+            dist.all_gather_object(shares, calls)
+            results[name] = (weights, shares)
+        mine = {n: w for n, (w, _) in results.items()}
+        theirs = [mine]
+        dist.broadcast_object_list(theirs, 0)  # every process holds rank 0's weights
+        assert all(torch.equal(mine[n][k], theirs[0][n][k]) for n in mine for k in mine[n])
+        if rank == 0:
+            torch.save(results, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_share_the_solves_and_match_one_process(tmp_path, one_thread):
+    out = tmp_path / "two.pt"
+    mp.start_processes(_prune_worker, args=(str(tmp_path / "init"), str(out)), nprocs=2, start_method="fork")
+    two = torch.load(out)
+    for name, options in PRUNES.items():
+        one_calls = []
+        one = _tiny_prune(options, one_calls)
+        weights, (first, second) = two[name]
+        assert set(first).isdisjoint(second) and sorted(first + second) == sorted(one_calls), name
+        assert first and second, f"{name}: one process solved everything ({first} / {second})"
+        assert one.keys() == weights.keys()
+        different = [k for k in one if not torch.equal(one[k], weights[k])]
+        assert not different, f"{name}: {different[:4]}"
+
+
+def test_split_solves_balances_by_cost():
+    from optimum_mosaic.calibration.distributed import solve_cost, split_solves
+
+    llama3 = {"q": (4096, 4096), "k": (1024, 4096), "v": (1024, 4096), "o": (4096, 4096),
+              "gate": (14336, 4096), "up": (14336, 4096), "down": (4096, 14336)}  # fmt: skip
+    owners = split_solves(llama3, 2)  # down (14336² Hessian) alone outweighs the other six together
+    loads = [sum(solve_cost(llama3[p]) for p in llama3 if owners[p] == r) for r in range(2)]
+    assert owners == {p: 0 if p == "down" else 1 for p in llama3} and loads[0] > loads[1]
+    even = split_solves({"a": (8, 8), "b": (8, 8), "c": (8, 8), "d": (8, 8)}, 2)
+    assert sorted(even.values()) == [0, 0, 1, 1] and split_solves({"a": (8, 8)}, 1) == {"a": 0}

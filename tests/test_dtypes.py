@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 from test_architectures import CONFIGS, SMALL, UNITS, VOCAB, X, tiny
+from transformers import AutoModelForCausalLM
 
 from optimum_mosaic import PrunedConfig, PrunedModelForCausalLM, Pruner
 from optimum_mosaic.architectures import named_projections
