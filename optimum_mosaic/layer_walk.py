@@ -17,7 +17,7 @@ from .calibration.layerwise import Activations, collect_statistics, forward_laye
 from .configuration import PrunedConfig
 from .report import Targets, count_zeros
 from .structured import remove_units, unit_options
-from .structured.composite import restrict_statistics
+from .structured.composite import remove_empty_units_in_layer, restrict_statistics
 
 
 class LayerWalk:
@@ -77,7 +77,9 @@ class LayerWalk:
             with self._resident(idx, write=self.store is not None) as layer:
                 propagate = walk and idx < last
                 self._walk_layer(layer, acts, idx, targets, kernel, config, cuts.get(idx), prune, propagate)
-                if self.store is not None and idx in targets:
+                if self.store is not None and idx in targets:  # the in-memory clean-up, one resident layer at a time
+                    remove_empty_units_in_layer(layer, self.spec)
+                    targets[idx] = layer_projections(layer, self.spec, list(targets[idx]))
                     self.store.counts.update(count_zeros({idx: targets[idx]}))
 
     def _prune_one(self, targets: Targets, plan, kernel, config: PrunedConfig, idx: int, proj: str, stats) -> None:

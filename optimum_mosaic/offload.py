@@ -163,7 +163,6 @@ def prune_offloaded(pruner, config, calibration_dataset, save_directory, batch_s
 
     unsupported = {
         "save_directory is required (the pruned layers are written there)": save_directory is None,
-        "structured_sparsity needs every layer at once": config.structured_sparsity > 0,
         "lamda/outlier_threshold 'auto' scores candidates on the whole model; give numbers": config.search_grid,
         "sensitivity_hutchinson differentiates through the whole model": "loss_hessian"
         in get_method("allocation", config.allocation).needs,

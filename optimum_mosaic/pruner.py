@@ -175,9 +175,10 @@ class Pruner(LayerWalk):
         else:
             self._prune_layers(acts, targets, plan, kernel, config, cuts)
         self._searched = None
-        if self.store is None:  # offloaded layers are not all at hand; the clean-up is skipped there
+        if self.store is None:  # offloaded: the walk cleaned each layer up while it was resident
             remove_empty_units(self.model, self.spec)
-            fit_config_to_shapes(self.model)
+        fit_config_to_shapes(self.model)  # reads shapes only (offloaded layers are on ``meta``)
+        if self.store is None:
             targets = self._targets(config)
         clock["prune"] = time.perf_counter()
         self.report = self._build_report(config, targets, dense_numel, plan, lamda, threshold, table, acts, clock)
@@ -271,7 +272,10 @@ class Pruner(LayerWalk):
             lin.weight.data.copy_(weights[key])
 
     def _build_report(self, config, targets, dense_numel, plan, lamda, threshold, table, acts, clock) -> PruningReport:
-        counts = self.store.counts if self.store is not None else count_zeros(targets, dense_numel)
+        if self.store is not None:  # counted per layer as it was written; removed weights count as zeros
+            counts = {k: (z + dense_numel[k] - n, dense_numel[k]) for k, (z, n) in self.store.counts.items()}
+        else:
+            counts = count_zeros(targets, dense_numel)
         glob, per_projection, per_layer, per_type = achieved(counts)
         dense_total = sum(dense_numel.values())
         removed = dense_total - sum(prunable_numel(targets).values())

@@ -209,6 +209,11 @@ def save_offloaded(store, model, tokenizer, staging: Path, target: Path, config,
     """The checkpoint of an offloaded prune (``offload.LayerStore``): the layer shards already in ``staging``, the
     rest of the weights, the index, config, tokenizer, sidecar and card."""
     store.save(staging)
+    model.config.architectures = [type(model).__name__]  # as transformers' save_pretrained records it
+    if getattr(model, "_auto_class", None) is not None:  # Mosaic*ForCausalLM (heterogeneous shapes): ship its code
+        from transformers.dynamic_module_utils import custom_object_save
+
+        custom_object_save(model, staging, config=model.config)
     model.config.save_pretrained(staging)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(staging)

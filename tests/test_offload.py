@@ -14,6 +14,10 @@ CONFIGS = {
     "projection-sparsegpt": dict(allocation="projection", pruner="sparsegpt", lamda=0.08, outlier_threshold=5.0),
     "uniform-wanda-layer": dict(allocation="uniform", pruner="wanda", sequential="layer"),
     "owl-magnitude": dict(allocation="layer", pruner="magnitude"),
+    "composite (default pruner)": dict(structured_sparsity=0.2),
+    "composite, heads only, sparsegpt layer walk": dict(
+        structured_sparsity=0.25, structured_units=["attention"], pruner="sparsegpt", sequential="layer"
+    ),
 }
 
 
@@ -44,6 +48,11 @@ def test_offloaded_prune_equals_in_memory_prune(checkpoint, tmp_path, name):
         assert name_a == name_b and torch.equal(pa, pb), name_a
     assert offloaded.report.achieved_sparsity == resident.report.achieved_sparsity
     assert offloaded.report.per_projection == resident.report.per_projection
+    assert offloaded.report.structured_sparsity == resident.report.structured_sparsity
+    config_a, config_b = ({k: v for k, v in m.config.to_dict().items() if k != "_name_or_path"} for m in (a, b))
+    assert config_a == config_b  # per-layer shapes of a composite prune included
+    code = {"configuration_mosaic.py", "modeling_mosaic.py"}  # shipped for trust_remote_code when shapes differ
+    assert code & {p.name for p in (tmp_path / "a").iterdir()} == code & {p.name for p in (tmp_path / "b").iterdir()}
     x = windows[:2]
     assert torch.equal(a(x).logits, b(x).logits)
 
@@ -66,7 +75,6 @@ def test_checkpoint_is_one_shard_per_layer_plus_the_rest(checkpoint, tmp_path):
 @pytest.mark.parametrize(
     "kw, message",
     [
-        (dict(structured_sparsity=0.2, lamda=0.08, outlier_threshold=5.0), "structured_sparsity"),
         (dict(allocation="projection"), "auto"),
         (dict(allocation="sensitivity_hutchinson"), "sensitivity_hutchinson"),
     ],

@@ -30,29 +30,34 @@ def remainder_plan(plan: SparsityPlan, dense_numel: dict, numel: dict, sparsity:
 
 @torch.no_grad()
 def remove_empty_units(model, spec: ArchSpec) -> int:
-    """Lossless clean-up: drop MLP channels with an all-zero gate row, up row or down column, and
-    key/value groups whose v rows are all zero (their heads output exactly zero). Zero q/k rows do not
-    make a head removable: the softmax of zero scores is uniform, not zero. Only units the architecture
-    can remove (``spec.structured_units``) and layers without biases qualify. Returns parameters removed."""
+    """Lossless clean-up of every decoder layer (``remove_empty_units_in_layer``). Returns parameters removed."""
     before = sum(p.numel() for p in model.parameters())
     for layer in decoder_layers(model, spec):
-        p = layer_projections(layer, spec)
-        if not spec.structured_units or any(p[k].bias is not None for k in (*MLP_ROWS, "down", "v") if k in p):
-            continue
-        live = (p["down"].weight != 0).any(0)
-        for key in [k for k in MLP_ROWS if k in p]:
-            live &= (p[key].weight != 0).any(1)
-        head_dim = layer.get_submodule(spec.attention).head_dim
-        live_groups = (p["v"].weight != 0).view(-1, head_dim * p["v"].in_features).any(1)
-        live = live if "mlp" in spec.structured_units else torch.ones_like(live)
-        live_groups = live_groups if "attention" in spec.structured_units else torch.ones_like(live_groups)
-        if live.all() and live_groups.all() or not live.any() or not live_groups.any():
-            continue
-        n_rep = p["q"].out_features // p["v"].out_features
-        groups = torch.nonzero(live_groups).flatten()
-        heads = (groups.view(-1, 1) * n_rep + torch.arange(n_rep)).flatten()
-        apply_cuts(layer, spec, {"channels": torch.nonzero(live).flatten(), "heads": heads, "groups": groups})
+        remove_empty_units_in_layer(layer, spec)
     return before - sum(p.numel() for p in model.parameters())
+
+
+def remove_empty_units_in_layer(layer, spec: ArchSpec) -> None:
+    """Drop MLP channels with an all-zero gate row, up row or down column, and key/value groups whose v rows are
+    all zero (their heads output exactly zero). Zero q/k rows do not make a head removable: the softmax of zero
+    scores is uniform, not zero. Only units the architecture can remove (``spec.structured_units``) and layers
+    without biases qualify."""
+    p = layer_projections(layer, spec)
+    if not spec.structured_units or any(p[k].bias is not None for k in (*MLP_ROWS, "down", "v") if k in p):
+        return
+    live = (p["down"].weight != 0).any(0)
+    for key in [k for k in MLP_ROWS if k in p]:
+        live &= (p[key].weight != 0).any(1)
+    head_dim = layer.get_submodule(spec.attention).head_dim
+    live_groups = (p["v"].weight != 0).view(-1, head_dim * p["v"].in_features).any(1)
+    live = live if "mlp" in spec.structured_units else torch.ones_like(live)
+    live_groups = live_groups if "attention" in spec.structured_units else torch.ones_like(live_groups)
+    if live.all() and live_groups.all() or not live.any() or not live_groups.any():
+        return
+    n_rep = p["q"].out_features // p["v"].out_features
+    groups = torch.nonzero(live_groups).flatten()
+    heads = (groups.view(-1, 1) * n_rep + torch.arange(n_rep, device=groups.device)).flatten()
+    apply_cuts(layer, spec, {"channels": torch.nonzero(live).flatten(), "heads": heads, "groups": groups})
 
 
 def restrict_statistics(stats, kept: torch.Tensor, unit_size: int = 1):
