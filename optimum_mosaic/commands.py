@@ -38,7 +38,7 @@ _TOGETHER = """options that go together:
   --hessian-samples           only used by --allocation sensitivity_hutchinson
   --batch-size                only used with --sequential layer (projection runs all windows as one batch)
   --overwrite                 with --output: replace a non-empty directory that is not an optimum-mosaic checkpoint
-  --offload                   needs --output; excludes --eval-windows, 'auto', sensitivity_hutchinson
+  --offload                   needs --output; excludes --eval-windows, sensitivity_hutchinson
   --eval-text                 with --eval-windows > 0
   --task-limit                with --eval-tasks (lm-eval tasks; needs pip install "optimum-mosaic[eval]")"""
 

@@ -77,10 +77,16 @@ class LayerWalk:
             with self._resident(idx, write=self.store is not None) as layer:
                 propagate = walk and idx < last
                 self._walk_layer(layer, acts, idx, targets, kernel, config, cuts.get(idx), prune, propagate)
-                if self.store is not None and idx in targets:  # the in-memory clean-up, one resident layer at a time
-                    remove_empty_units_in_layer(layer, self.spec)
-                    targets[idx] = layer_projections(layer, self.spec, list(targets[idx]))
-                    self.store.counts.update(count_zeros({idx: targets[idx]}))
+                if self.store is not None and idx in targets:
+                    self._finish_offloaded(layer, idx, targets, clean=not self.store.in_candidate)
+
+    def _finish_offloaded(self, layer, idx: int, targets: Targets, clean: bool = True) -> None:
+        """An offloaded layer before it is written: the in-memory clean-up of empty units (not while a λ/M
+        candidate is pruned: the skeleton's shapes must stay those of the checkpoint), then its zero counts."""
+        if clean:
+            remove_empty_units_in_layer(layer, self.spec)
+            targets[idx] = layer_projections(layer, self.spec, list(targets[idx]))
+        self.store.counts.update(count_zeros({idx: targets[idx]}))
 
     def _prune_one(self, targets: Targets, plan, kernel, config: PrunedConfig, idx: int, proj: str, stats) -> None:
         lin, sparsity = targets[idx][proj], plan[(idx, proj)]

@@ -5,7 +5,9 @@ the decoder layers (embeddings, final norm, head) are loaded. ``LayerStore.resid
 from the checkpoint's safetensors (the file is opened for that layer only, so its pages do not pile up
 in memory), and afterwards either drops it again or, once pruned, writes it as its own safetensors shard
 into the output directory (in the compute ``dtype``). Peak memory ≈ the non-layer weights + one layer + its calibration statistics
-+ the activations of the calibration windows.
++ the activations of the calibration windows. The ``auto`` λ/M search writes each candidate's layers into a
+directory of its own (``candidate``), scores it with the model streamed layer by layer (``streamed``) and keeps the
+best one's shards (``adopt``).
 """
 
 from __future__ import annotations
@@ -97,14 +99,15 @@ class LayerStore:
         self.written: dict[int, str] = {}  # layer → shard file name in ``output``
         self.counts: dict = {}  # (layer, projection) → (zeros, numel), filled by the pruner
         self.zeros: dict[str, int] = {}  # module name → exact zeros, as written (for the sidecar)
+        self.candidates: dict[str, tuple] = {}  # λ/M search: candidate → (written, counts, zeros)
+        self.in_candidate = False
 
     def _names(self, idx: int) -> list[str]:
         prefix = f"{self.spec.layers}.{idx}."
         return [n for n in self.mapping if n.startswith(prefix)]
 
-    @contextlib.contextmanager
-    def resident(self, idx: int, device, write: bool = False):
-        """Layer ``idx`` loaded on ``device`` for the block; written to the output if ``write``; then dropped."""
+    def _load(self, idx: int, device):
+        """Layer ``idx`` with its weights (as last written, else from the checkpoint) on ``device``."""
         layer = decoder_layers(self.model, self.spec)[idx]
         prefix = f"{self.spec.layers}.{idx}."
         if idx in self.written:
@@ -113,6 +116,57 @@ class LayerStore:
             source, mapping = self.checkpoint, self.mapping
         tensors = read_tensors(source, self._names(idx), mapping, self.dtype)
         layer.load_state_dict({n.removeprefix(prefix): t.to(device) for n, t in tensors.items()}, assign=True)
+        return layer
+
+    @contextlib.contextmanager
+    def streamed(self, device):
+        """The whole model callable for the block: each decoder layer is loaded just before it runs and dropped
+        after (e.g. ``mean_nll`` of a candidate prune)."""
+        handles = []
+        for idx, layer in enumerate(decoder_layers(self.model, self.spec)):
+            handles.append(layer.register_forward_pre_hook(lambda m, a, i=idx: self._load(i, device) and None))
+            handles.append(layer.register_forward_hook(lambda m, a, out: m.to("meta") and None))
+        try:
+            yield self.model
+        finally:
+            for handle in handles:
+                handle.remove()
+            _release_freed_memory()
+
+    @contextlib.contextmanager
+    def candidate(self, name: str):
+        """Write the layers pruned in the block into ``output/name`` (a candidate of the λ/M search), leaving the
+        result's own record as it was; ``adopt(name)`` makes a candidate the result, ``discard`` drops one."""
+        saved = (self.output, self.written, self.counts, self.zeros)
+        self.output, self.written, self.counts, self.zeros = saved[0] / name, {}, {}, {}
+        self.output.mkdir()
+        self.in_candidate = True
+        try:
+            yield
+        finally:
+            self.candidates[name] = (self.written, self.counts, self.zeros)
+            self.output, self.written, self.counts, self.zeros = saved
+            self.in_candidate = False
+
+    def adopt(self, name: str) -> None:
+        """The candidate's layer shards become the result's (moved into the output directory)."""
+        written, counts, zeros = self.candidates.pop(name)
+        for file in set(written.values()):
+            (self.output / name / file).replace(self.output / file)
+        self.written, self.counts, self.zeros = dict(written), dict(counts), dict(zeros)
+        self.discard(name)
+
+    def discard(self, name: str) -> None:
+        import shutil
+
+        self.candidates.pop(name, None)
+        shutil.rmtree(self.output / name, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def resident(self, idx: int, device, write: bool = False):
+        """Layer ``idx`` loaded on ``device`` for the block; written to the output if ``write``; then dropped."""
+        prefix = f"{self.spec.layers}.{idx}."
+        layer = self._load(idx, device)
         try:
             yield layer
             if write:
@@ -163,7 +217,6 @@ def prune_offloaded(pruner, config, calibration_dataset, save_directory, batch_s
 
     unsupported = {
         "save_directory is required (the pruned layers are written there)": save_directory is None,
-        "lamda/outlier_threshold 'auto' scores candidates on the whole model; give numbers": config.search_grid,
         "sensitivity_hutchinson differentiates through the whole model": "loss_hessian"
         in get_method("allocation", config.allocation).needs,
         "one process only (several processes would write the same shards)": world()[1] > 1,

@@ -170,7 +170,9 @@ class Pruner(LayerWalk):
             )
             plan = remainder_plan(plan, dense_numel, numel, config.sparsity)
         clock["structured"] = time.perf_counter()
-        if self._searched is not None:
+        if self._searched is not None and self.store is not None:
+            self._adopt_offloaded(self._searched, targets)
+        elif self._searched is not None:
             self._restore(targets, self._searched)  # the winning candidate already is this prune
         else:
             self._prune_layers(acts, targets, plan, kernel, config, cuts)
@@ -252,6 +254,8 @@ class Pruner(LayerWalk):
         windows. With ``keep`` (``kernel`` is the pruner) the best candidate's weights are kept, so the search costs
         one prune per candidate and the final prune comes free. (Cheaper proxies than a whole prune mis-ranked plans
         on SmolLM2-135M.)"""
+        if self.store is not None:
+            return self._offloaded_score(kernel, config, targets, acts, heldout, batch_size, keep)
         dense = {k: lin.weight.detach().clone() for k, lin in _flat(targets).items()}
         best = {"loss": float("inf")}
 
@@ -265,6 +269,35 @@ class Pruner(LayerWalk):
             return loss
 
         return score
+
+    def _offloaded_score(self, kernel, config, targets: Targets, acts, heldout, batch_size, keep: bool):
+        """``_proxy_score`` with the layers on disk: each candidate's layers are written to a directory of their
+        own and scored with the model streamed layer by layer; the best candidate's directory is kept."""
+        best, names = {"loss": float("inf"), "name": None}, iter(range(10**6))
+
+        def score(plan, label: str = "") -> float:
+            name = f".candidate-{next(names)}"
+            with self.store.candidate(name):
+                self._prune_layers(acts.clone(), targets, plan, kernel, config, label=label)
+                with self.store.streamed(self.device) as model:
+                    loss = mean_nll(model, heldout, batch_size)
+            if loss < best["loss"] and keep:
+                if best["name"] is not None:
+                    self.store.discard(best["name"])
+                best.update(loss=loss, name=name)
+                self._searched = name
+            else:
+                self.store.discard(name)
+            return loss
+
+        return score
+
+    def _adopt_offloaded(self, name: str, targets: Targets) -> None:
+        """The winning candidate's layers become the result; then the clean-up the candidate walk skipped."""
+        self.store.adopt(name)
+        for idx in sorted(targets):
+            with self._resident(idx, write=True) as layer:
+                self._finish_offloaded(layer, idx, targets)
 
     @staticmethod
     def _restore(targets: Targets, weights: dict) -> None:

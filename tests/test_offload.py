@@ -14,6 +14,10 @@ CONFIGS = {
     "projection-sparsegpt": dict(allocation="projection", pruner="sparsegpt", lamda=0.08, outlier_threshold=5.0),
     "uniform-wanda-layer": dict(allocation="uniform", pruner="wanda", sequential="layer"),
     "owl-magnitude": dict(allocation="layer", pruner="magnitude"),
+    "projection-sparsegpt, λ/M search": dict(allocation="projection", pruner="sparsegpt", search_samples=4),
+    "projection-wanda, λ/M search by sparsegpt": dict(
+        allocation="projection", pruner="wanda", search_pruner="sparsegpt", search_samples=4
+    ),  # fmt: skip
     "composite (default pruner)": dict(structured_sparsity=0.2),
     "composite, heads only, sparsegpt layer walk": dict(
         structured_sparsity=0.25, structured_units=["attention"], pruner="sparsegpt", sequential="layer"
@@ -35,7 +39,7 @@ def _config(**kw):
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_offloaded_prune_equals_in_memory_prune(checkpoint, tmp_path, name):
-    windows = token_windows(n=8, seqlen=32)
+    windows = token_windows(n=12, seqlen=32)  # 8 to calibrate, 4 held out for the λ/M search
     resident = Pruner.from_pretrained(str(checkpoint))
     resident.prune(_config(**CONFIGS[name]), calibration_dataset=windows, save_directory=tmp_path / "a")
     offloaded = Pruner.from_pretrained(str(checkpoint), offload=True)
@@ -49,6 +53,9 @@ def test_offloaded_prune_equals_in_memory_prune(checkpoint, tmp_path, name):
     assert offloaded.report.achieved_sparsity == resident.report.achieved_sparsity
     assert offloaded.report.per_projection == resident.report.per_projection
     assert offloaded.report.structured_sparsity == resident.report.structured_sparsity
+    assert offloaded.report.search == resident.report.search and offloaded.report.lamda == resident.report.lamda
+    assert len(offloaded.report.search) > 1 or "search" not in name  # several candidates were scored
+    assert not [p for p in (tmp_path / "b").iterdir() if p.name.startswith(".candidate")]
     config_a, config_b = ({k: v for k, v in m.config.to_dict().items() if k != "_name_or_path"} for m in (a, b))
     assert config_a == config_b  # per-layer shapes of a composite prune included
     code = {"configuration_mosaic.py", "modeling_mosaic.py"}  # shipped for trust_remote_code when shapes differ
@@ -75,7 +82,6 @@ def test_checkpoint_is_one_shard_per_layer_plus_the_rest(checkpoint, tmp_path):
 @pytest.mark.parametrize(
     "kw, message",
     [
-        (dict(allocation="projection"), "auto"),
         (dict(allocation="sensitivity_hutchinson"), "sensitivity_hutchinson"),
     ],
 )
