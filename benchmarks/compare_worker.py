@@ -136,6 +136,8 @@ def run(spec: dict) -> dict:
     head_dense = head_sparsity(model)  # GGUF-dequantised checkpoints hold some exact zeros already
     model, info = PRUNE[spec["library"]](model, windows, spec)
     model.eval()
+    if spec.get("save_to"):  # for evaluations elsewhere (benchmarks/domains_table.py)
+        model.save_pretrained(spec["save_to"])
     achieved = sparsity({n: w.detach() for n, w in decoder_linear_weights(model).items()}, dense)
     nll = mean_nll(model, windows["evaluation"], batch_size=1)
     return {

@@ -45,6 +45,7 @@ RUNS = {
     "projection (auto) SparseGPT": dict(allocation="projection", pruner="sparsegpt", **AUSTEN),  # before issue 12
     "composite β=0.2 (default pruner)": dict(structured_sparsity=0.2),
     "structured only (MLP channels)": dict(structured_sparsity="all"),  # coarse-grained: all of S as whole units
+    "llm-compressor SparseGPT (Austen)": "llmcompressor",  # SparseGPTModifier on uniform SparseGPT's windows
 }
 TASKS = ("mosaic_lastword_persuasion", "mosaic_nextsent_persuasion", "mosaic_lastword_shakespeare",
          "mosaic_nextsent_shakespeare")  # fmt: skip
@@ -58,6 +59,34 @@ def held_out_windows(tokenizer, args) -> dict[str, torch.Tensor]:
     held = mixed_windows(tokenizer, args.nsamples, args.seqlen, 0, 16)[1]
     counts = _shares(16, MIXED_SHARES)
     return {"fiction": fiction, "code": held[counts["fiction"] : -counts["prose"]], "prose": held[-counts["prose"] :]}
+
+
+def llmcompressor_prune(args, tokenizer, sparsity: float):
+    """llm-compressor's ``SparseGPTModifier`` (its own venv, ``--peer-python``) on the Austen calibration windows
+    uniform SparseGPT uses, damp 0.01, block 128; the pruned model is saved there and loaded here."""
+    import subprocess
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    from optimum_mosaic.packaged_models import resolve_model_path
+
+    windows = sample_windows(tokenizer, None, args.nsamples, args.seqlen, 0, 0, "austen")[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save({"calibration": windows, "held_out": windows[:0], "evaluation": windows[:1]}, f"{tmp}/w.pt")
+        spec = {"method": "llmcompressor-sparsegpt", "library": "llmcompressor", "kernel": "sparsegpt",
+                "model": str(resolve_model_path(args.model)), "windows": f"{tmp}/w.pt", "sparsity": sparsity,
+                "dampening": 0.01, "block_size": 128, "threads": torch.get_num_threads(), "save_to": f"{tmp}/out"}  # fmt: skip
+        worker = Path(__file__).with_name("compare_worker.py")
+        env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        done = subprocess.run(
+            [args.peer_python, str(worker), json.dumps(spec)], capture_output=True, text=True, env=env
+        )
+        result = [line for line in done.stdout.splitlines() if line.startswith("COMPARE_RESULT ")]
+        if done.returncode or not result:
+            raise RuntimeError(done.stderr[-2000:])
+        model = AutoModelForCausalLM.from_pretrained(f"{tmp}/out", dtype=torch.float32).eval()
+    return model, json.loads(result[-1].removeprefix("COMPARE_RESULT "))["prune_s"]
 
 
 def quality(model, tokenizer, args, manager, held_out) -> dict:
@@ -108,6 +137,7 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--task-limit", type=int, default=200)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--peer-python", default="/work/peer-venv/bin/python", help="a venv with llmcompressor")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--table", action="store_true", help="print --out as a markdown table; prune nothing")
     args = parser.parse_args()
@@ -129,7 +159,9 @@ def main() -> None:
             if key in done:
                 continue
             model, elapsed, report = dense, 0.0, None
-            if RUNS[name] is not None:
+            if RUNS[name] == "llmcompressor":
+                model, elapsed = llmcompressor_prune(args, tokenizer, sparsity)
+            elif RUNS[name] is not None:
                 pruner = Pruner(copy.deepcopy(dense), tokenizer)
                 options = {k: sparsity if v == "all" else v for k, v in RUNS[name].items()}
                 config = PrunedConfig(sparsity=sparsity, nsamples=args.nsamples, seqlen=args.seqlen, **options)
