@@ -78,6 +78,12 @@ def load_skeleton(checkpoint: str | Path, dtype=torch.float32):
     return model.eval()
 
 
+def _stored(tensor: torch.Tensor, dtype) -> torch.Tensor:
+    """A tensor as the checkpoint stores it: on the CPU, floating point in ``dtype``."""
+    tensor = tensor.detach().to("cpu")
+    return (tensor.to(dtype) if tensor.is_floating_point() else tensor).contiguous()
+
+
 def _release_freed_memory() -> None:
     """Hand freed heap pages back to the OS (glibc keeps them otherwise, and RSS creeps up layer by layer)."""
     try:
@@ -106,15 +112,16 @@ class LayerStore:
         prefix = f"{self.spec.layers}.{idx}."
         return [n for n in self.mapping if n.startswith(prefix)]
 
-    def _load(self, idx: int, device):
-        """Layer ``idx`` with its weights (as last written, else from the checkpoint) on ``device``."""
+    def _load(self, idx: int, device, dtype=torch.float32):
+        """Layer ``idx`` with its weights (as last written, else from the checkpoint) on ``device`` in ``dtype``
+        (float32 while it is pruned, whatever the checkpoint's dtype; written back in ``self.dtype``)."""
         layer = decoder_layers(self.model, self.spec)[idx]
         prefix = f"{self.spec.layers}.{idx}."
         if idx in self.written:
             source, mapping = self.output, {n: self.written[idx] for n in self._names(idx)}
         else:
             source, mapping = self.checkpoint, self.mapping
-        tensors = read_tensors(source, self._names(idx), mapping, self.dtype)
+        tensors = read_tensors(source, self._names(idx), mapping, dtype)
         layer.load_state_dict({n.removeprefix(prefix): t.to(device) for n, t in tensors.items()}, assign=True)
         return layer
 
@@ -124,7 +131,9 @@ class LayerStore:
         after (e.g. ``mean_nll`` of a candidate prune)."""
         handles = []
         for idx, layer in enumerate(decoder_layers(self.model, self.spec)):
-            handles.append(layer.register_forward_pre_hook(lambda m, a, i=idx: self._load(i, device) and None))
+            handles.append(
+                layer.register_forward_pre_hook(lambda m, a, i=idx: self._load(i, device, self.dtype) and None)
+            )
             handles.append(layer.register_forward_hook(lambda m, a, out: m.to("meta") and None))
         try:
             yield self.model
@@ -178,9 +187,10 @@ class LayerStore:
     def _write(self, idx: int, layer, prefix: str) -> None:
         if self.output is None:
             raise RuntimeError("LayerStore.output is not set: offloaded pruning writes into a save directory")
-        state = {f"{prefix}{k}": v.detach().to("cpu").contiguous() for k, v in layer.state_dict().items()}
-        for key, lin in layer_projections(layer, self.spec).items():
-            self.zeros[f"{prefix}{self.spec.projections[key]}"] = int((lin.weight == 0).sum())
+        state = {f"{prefix}{k}": _stored(v, self.dtype) for k, v in layer.state_dict().items()}
+        for key in layer_projections(layer, self.spec):  # counted as stored (after the rounding to ``dtype``)
+            name = f"{prefix}{self.spec.projections[key]}"
+            self.zeros[name] = int((state[f"{name}.weight"] == 0).sum())
         name = f"layer-{idx:05d}.safetensors"
         save_file(state, str(self.output / name), metadata={"format": "pt"})
         self.written[idx] = name

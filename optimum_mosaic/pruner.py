@@ -58,9 +58,9 @@ class Pruner(LayerWalk):
         """Load a model and tokenizer (a packaged-model alias such as ``smollm2-135m`` works offline).
 
         ``offload=True`` keeps the decoder layers on disk and loads one at a time (``offload.py``): for
-        checkpoints larger than memory; ``prune`` then needs a ``save_directory``. ``dtype``: float32 by default
-        (bf16 matmuls are slow on CPUs without AVX-512 BF16); ``"auto"`` keeps the checkpoint's own (bf16 in →
-        bf16 pruned and saved; statistics are float64 and solves float32 whatever the weights' dtype)."""
+        checkpoints larger than memory; ``prune`` then needs a ``save_directory``. ``dtype``: float32 by default;
+        ``"auto"`` keeps the checkpoint's own (bf16 in → bf16 pruned and saved; each layer is upcast to float32
+        while the walk holds it, statistics are float64)."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
         from .packaged_models import DEFAULT_MODEL, clear_gguf_quantizer, resolve_model_path, source_record
@@ -191,7 +191,7 @@ class Pruner(LayerWalk):
         """Layer ``idx`` on the execution device for a block (loaded from disk and written back when offloaded)."""
         if self.store is not None:
             return self.store.resident(idx, self.device, write)
-        return on_device(decoder_layers(self.model, self.spec)[idx], self.device)
+        return on_device(decoder_layers(self.model, self.spec)[idx], self.device, compute=True)
 
     def _targets(self, config: PrunedConfig) -> Targets:
         if config.structured_sparsity > 0:  # fail before calibrating

@@ -1,5 +1,5 @@
-"""bf16 / fp16 checkpoints (what real models ship): pruned in their own dtype for every family, exact zeros kept,
-saved in that dtype with the dtype in the sidecar, reloaded in it; masks those of fp32 pruning of the same
+"""bf16 / fp16 checkpoints (what real models ship): pruned in their own dtype for every family (each layer runs and
+is solved in fp32 while resident, rounded to its dtype once), exact zeros kept, saved in that dtype with the dtype in the sidecar, reloaded in it; masks those of fp32 pruning of the same
 (rounded) weights up to the dtype's rounding; ``Pruner.from_pretrained(dtype="auto")`` and ``--offload`` keep it."""
 
 import copy
@@ -42,9 +42,10 @@ def test_bf16_prune_keeps_the_dtype_and_the_fp32_masks(model_type, tmp_path):
     assert {w.dtype for w in got.values()} == {torch.bfloat16}
     assert {n: int((w == 0).sum()) for n, w in got.items()} == {n: int((w == 0).sum()) for n, w in want.items()}
     agree = sum(int(((got[n] == 0) == (want[n] == 0)).sum()) for n in got) / sum(w.numel() for w in got.values())
-    assert agree >= 0.93, agree  # measured 0.945 (gemma2) to 0.975: flips at scores within bf16's rounding
-    # the bf16 prune is as good: held-out NLL of both, evaluated in fp32, within 3 %
-    assert mean_nll(copy.deepcopy(rounded).float(), HELD_OUT, 4) <= 1.03 * mean_nll(reference, HELD_OUT, 4)
+    # the layers run in fp32 during the walk; what differs is the bf16 embedding / rotary outputs they are fed
+    assert agree >= 0.96, agree  # measured 0.969 (opt, gemma3) to 1.0
+    # the bf16 prune is as good: held-out NLL of both, evaluated in fp32, within 0.5 % (measured ≤ 0.03 %)
+    assert mean_nll(copy.deepcopy(rounded).float(), HELD_OUT, 4) <= 1.005 * mean_nll(reference, HELD_OUT, 4)
 
     assert json.loads((tmp_path / "out" / "mosaic_config.json").read_text())["dtype"] == "bfloat16"
     loaded = PrunedModelForCausalLM.from_pretrained(tmp_path / "out")
