@@ -1,0 +1,57 @@
+"""benchmarks/scale.py: the stage timers charge nested work once, the extrapolation scales only what grows with
+tokens, and one tiny end-to-end run (random weights, a Llama with 2 layers of 256 / 704) splits the prune into
+stages that add up to the measured prune time."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def scale(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import scale
+
+    return scale
+
+
+def test_nested_stages_are_charged_once(scale):
+    stages = scale.Stages()
+    with stages.stage("solve"):
+        time.sleep(0.05)
+        with stages.stage("hessian"):
+            time.sleep(0.1)
+    assert stages.seconds["hessian"] == pytest.approx(0.1, abs=0.03)
+    assert stages.seconds["solve"] == pytest.approx(0.05, abs=0.03)  # the inner 0.1 s is not counted twice
+
+
+def test_extrapolation_scales_only_the_token_bound_stages(scale):
+    row = {"prune_s": 20.0, "stages_s": {"statistics": 4.0, "forward": 2.0, "hessian": 5.0, "solve": 9.0}}
+    got = scale.extrapolate(row, tokens=scale.FULL // 8, layers=2, whole=32)
+    per_layer = (8 * (4.0 + 2.0) + 5.0 + 9.0) / 2
+    assert got == {"layer_at_128x2048_s": per_layer, "model_at_128x2048_h": round(per_layer * 32 / 3600, 2)}
+
+
+def test_tiny_run_splits_the_prune_into_stages(tmp_path):
+    out = tmp_path / "scale.json"
+    command = [sys.executable, str(BENCHMARKS / "scale.py"), "--shape", "tiny", "--layers", "2", "--threads", "1"]
+    command += ["--methods", "uniform SparseGPT", "composite β=0.2", "--nsamples", "2", "--seqlen", "64"]
+    done = subprocess.run([*command, "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    for name, row in rows.items():
+        assert "error" not in row, f"{name}: {row.get('error')}"
+        stages = row["stages_s"]
+        assert stages["statistics"] > 0 and stages["solve"] > 0 and stages["hessian"] > 0, stages
+        assert sum(stages.values()) == pytest.approx(row["prune_s"], abs=0.05)  # the stages add up to the prune
+        assert row["sparsity"] == pytest.approx(0.5, abs=0.01) and row["peak_rss_mib"] > 100
+    assert rows["composite β=0.2"]["stages_s"]["structured"] > 0
+    assert "structured" not in rows["uniform SparseGPT"]["stages_s"]
