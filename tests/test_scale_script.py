@@ -55,3 +55,21 @@ def test_tiny_run_splits_the_prune_into_stages(tmp_path):
         assert row["sparsity"] == pytest.approx(0.5, abs=0.01) and row["peak_rss_mib"] > 100
     assert rows["composite β=0.2"]["stages_s"]["structured"] > 0
     assert "structured" not in rows["uniform SparseGPT"]["stages_s"]
+
+
+def test_wide_projection_compares_the_kernel_with_a_baseline_revision(tmp_path):
+    """benchmarks/wide_projection.py on a tiny problem against fb83aef (before the Y-free B-step): both versions
+    give the exact zero count; today's makes one ridge inverse fewer (the one for the ρ the last check sets) and
+    lands on (nearly) the same support and layer error."""
+    known = subprocess.run(["git", "cat-file", "-e", "fb83aef^{commit}"], cwd=BENCHMARKS.parent, capture_output=True)
+    if known.returncode:
+        pytest.skip("fb83aef is not in this clone's history (a shallow clone)")
+    out = tmp_path / "wide.json"
+    args = ["--baseline", "fb83aef", "--rows", "96", "--cols", "384", "--tokens", "768", "--threads", "1"]
+    subprocess.run([sys.executable, str(BENCHMARKS / "wide_projection.py"), *args, "--out", str(out)], check=True,
+                   capture_output=True, cwd=BENCHMARKS.parent)  # fmt: skip
+    got = json.loads(out.read_text())
+    base, new = got["rows"].values()
+    assert base["zeros"] == new["zeros"] == 96 * 384 // 2
+    assert (base["inverses"], new["inverses"]) == (3, 2) and base["iterations"] == new["iterations"] == 6
+    assert got["support_flips"] < 0.01 and abs(got["layer_error_ratio"] - 1) < 0.01

@@ -48,16 +48,21 @@ def normalized_hessian(stats, dampening: float, device) -> NormalizedHessian:
     return stats.cache[key]
 
 
-def normalized_problem(weight: torch.Tensor, stats, dampening: float):
-    """``(Wn, Yn, Hn, x)``: the column-scaled fp32 weights (dead inputs zeroed), ``Yn = Wn Hn``, ``Hn`` and ``x``."""
+def normalized_weights(weight: torch.Tensor, stats, dampening: float):
+    """``(Wn, Hn, x)``: the column-scaled fp32 weights (dead inputs zeroed), ``Hn`` and ``x``."""
     norm = normalized_hessian(stats, dampening, weight.device)
-    Wn = weight.detach().float().masked_fill(norm.dead, 0.0) * norm.x
-    return Wn, Wn @ norm.Hn, norm.Hn, norm.x
+    return weight.detach().float().masked_fill(norm.dead, 0.0) * norm.x, norm.Hn, norm.x
+
+
+def normalized_problem(weight: torch.Tensor, stats, dampening: float):
+    """``(Wn, Yn, Hn, x)``: ``normalized_weights`` and ``Yn = Wn Hn``."""
+    Wn, Hn, x = normalized_weights(weight, stats, dampening)
+    return Wn, Wn @ Hn, Hn, x
 
 
 def masked_cg(
-    A: torch.Tensor, Y: torch.Tensor, B: torch.Tensor, support: torch.Tensor, iterations: int, rtol: float,
-    stop: str = "masked",
+    A: torch.Tensor, Y: torch.Tensor | None, B: torch.Tensor, support: torch.Tensor, iterations: int, rtol: float,
+    stop: str = "masked", W: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:  # fmt: skip
     """Solve ``b_S A_SS = y_S`` for every row (``A`` symmetric positive definite) by conjugate gradient with the
     residual masked to the row's support ``S``; warm start ``B`` (zero off ``S``). Returns (B, steps taken).
@@ -65,13 +70,21 @@ def masked_cg(
     ``stop="masked"``: stop once every row's masked residual ``‖(y − bA)_S‖ ≤ rtol·‖y_S‖`` (true convergence;
     ``rtol=0`` runs all steps). ``stop="unmasked"`` is ALPS's reference test: the *unmasked* residual ``Y − B A`` of
     every input coordinate (a column) within ``rtol`` of the norm of that column of ``Y`` — a sparse support
-    cannot meet it, so in practice all steps run; that residual is carried by the CG recurrence."""
-    full = Y - B @ A  # unmasked residual, kept by the same recurrence
+    cannot meet it, so in practice all steps run; that residual is carried by the CG recurrence.
+
+    ``Y = W A`` may be given as ``W`` instead (``Y=None``): the start residual is then ``(W − B) A`` and ``Y`` is
+    never formed unless a stopping test needs it — for the unmasked test only once the bound
+    ``‖Y_{:,j}‖ ≤ ‖W‖_F ‖A_{:,j}‖`` no longer rules it out (one product by ``A`` fewer)."""
+    full = Y - B @ A if Y is not None else (W - B) @ A  # unmasked residual, kept by the same recurrence
     R = full * support
     if stop == "masked":
-        tol2 = (rtol**2) * (Y * support).square().sum(1)
-    else:
+        if Y is None and rtol > 0:
+            Y = W @ A
+        tol2 = (rtol**2) * (Y * support).square().sum(1) if rtol > 0 else torch.zeros(B.shape[0], device=B.device)
+    elif Y is not None:
         tol = rtol * Y.norm(dim=0)
+    else:  # an upper bound of rtol·‖Y_{:,j}‖; the exact value is formed only when the bound passes
+        tol, exact = rtol * float(W.norm()) * A.norm(dim=0), False
     P = R.clone()
     rr = (R * R).sum(1)
     steps = 0
@@ -89,8 +102,12 @@ def masked_cg(
         P = R + beta.unsqueeze(1) * P
         rr = rr_new
         steps += 1
-        if stop == "unmasked" and bool((full.norm(dim=0) <= tol).all()):
-            break
+        if stop == "unmasked":
+            norms = full.norm(dim=0)
+            if Y is None and not exact and bool((norms <= tol).all()):
+                tol, exact = rtol * (W @ A).norm(dim=0), True
+            if bool((norms <= tol).all()):
+                break
     return B, steps
 
 
@@ -103,13 +120,16 @@ def relative_error(Hn: torch.Tensor, B: torch.Tensor, Wn: torch.Tensor, base: fl
 def refit_on_support(
     Wn, Y, Hn, B, support, iterations: int, rtol: float, info: dict | None, before: str, stop="masked"
 ):
-    """Masked CG from ``B`` on ``support`` (``info``: steps taken). With ``info["measure_error"]`` also the damped
-    relative errors ``info[before]`` and ``info["error"]``: two products by ``Hn`` a prune does not need."""
+    """Masked CG from ``B`` on ``support`` (``info``: steps taken); ``Y = Wn Hn`` may be None (see ``masked_cg``).
+    With ``info["measure_error"]`` also the damped relative errors ``info[before]`` and ``info["error"]``: products
+    by ``Hn`` a prune does not need."""
     measure = info is not None and info.get("measure_error", False)
+    if measure and Y is None:
+        Y = Wn @ Hn
     base = float((Wn * Y).sum()) if measure else 0.0
     if measure:
         info[before] = relative_error(Hn, B, Wn, base)
-    B, steps = masked_cg(Hn, Y, B, support, iterations, rtol, stop=stop)
+    B, steps = masked_cg(Hn, Y, B, support, iterations, rtol, stop=stop, W=Wn)
     if info is not None:
         info["cg_iterations"] = steps
     if measure:

@@ -201,15 +201,43 @@ def test_registered():
 
 
 # -- warm start from SparseGPT (alps_warm) ----------------------------------------------------------
-def test_warm_start_is_a_fixed_point_of_the_first_b_step():
-    """With ``D₀ = start`` and ``V₀ = Y − D₀Hn``, the B-step gives ``(D₀Hn + ρD₀)(Hn + ρI)⁻¹ = D₀``."""
+def _textbook_b_step(Wn, Hn, D, V, rho):
+    """``(Y − V + ρD)(Hn + ρI)⁻¹`` in float64 with an explicit inverse (the reference's form)."""
+    Wn, Hn, D, V = (t.double() for t in (Wn, Hn, D, V))
+    return (Wn @ Hn - V + rho * D) @ torch.linalg.inv(Hn + rho * torch.eye(Hn.shape[0], dtype=torch.float64))
+
+
+def test_b_step_without_y_is_the_textbook_b_step():
     W, stats = problem(10)
-    Wn, Y, Hn, x = alps.normalized_problem(W, stats, 0.01)
+    Wn, Hn, x = alps.normalized_weights(W, stats, 0.01)
+    D, V = sparsegpt_prune(W, stats, 0.5).float() * x, torch.randn_like(Wn)
+    for rho in (0.05, 0.5, 3.0):
+        got = alps.b_step(Wn, D, V, rho, alps.RidgeInverses(Hn, {}, ("k",))(rho))
+        torch.testing.assert_close(got.double(), _textbook_b_step(Wn, Hn, D, V, rho), rtol=1e-4, atol=1e-4)
+
+
+def test_warm_start_is_a_fixed_point_of_the_first_b_step():
+    """With ``D₀ = start`` and ``V₀ = Y − D₀Hn``, the B-step gives ``(D₀Hn + ρD₀)(Hn + ρI)⁻¹ = D₀`` whatever ρ — which
+    is why ``admm`` does not compute it (and makes no inverse for it)."""
+    W, stats = problem(10)
+    Wn, Hn, x = alps.normalized_weights(W, stats, 0.01)
     start = sparsegpt_prune(W, stats, 0.5).float() * x
+    V0 = (Wn.double() @ Hn.double()) - start.double() @ Hn.double()
+    for rho in (0.05, 0.5, 3.0):
+        B = _textbook_b_step(Wn, Hn, start, V0, rho)
+        assert (B - start.double()).abs().max() <= 1e-9 * start.abs().max()
     inverse = alps.RidgeInverses(Hn, {}, ("k",))
-    B, state = alps.admm(Wn, Y, Hn, 256, None, 0.3, 1, inverse, start)
-    assert (B - start).abs().max() <= 1e-5 * start.abs().max()  # float32 rounding of the solve
-    assert state["iterations"] == 1
+    B, state = alps.admm(Wn, Hn, 256, None, 0.3, 1, inverse, start)
+    assert torch.equal(B, start) and state["iterations"] == 1 and inverse.made == 0
+
+
+def test_a_six_iteration_warm_schedule_makes_two_inverses():
+    """ρ changes at most at the checks after iterations 3 and 6; the inverse for the ρ set by the last check is
+    never used, so it is not made: ρ₀ (iterations 2–3) and ρ₁ (4–6)."""
+    W, stats = problem(13)
+    info = {}
+    alps.alps_warm_prune(W, stats, 0.6, info=info)
+    assert info["iterations"] == 6 and info["inverses"] == 2
 
 
 def test_warm_start_without_iterations_is_sparsegpt_plus_refit():
