@@ -127,9 +127,15 @@ class LayerWalk:
         rank, size = world()
         shapes = {p: tuple(targets[idx][p].weight.shape) for p in projs}
         owners = split_solves(shapes, size)
-        for proj in projs:
-            if owners[proj] == rank:
-                prune(idx, proj, stats_of(proj))
+        mine = [p for p in projs if owners[p] == rank]
+        for i, proj in enumerate(mine):
+            stats = stats_of(proj)
+            last = stats is not None and all(stats_of(p) is not stats for p in mine[i + 1 :])
+            if last:  # the kernels need not cache factors for later readers; what they cached is freed after
+                stats.final_read = True
+            prune(idx, proj, stats)
+            if last:
+                stats.cache.clear()
         if size == 1:
             return
         for proj in projs:

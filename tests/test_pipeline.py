@@ -143,3 +143,44 @@ def test_layers_walk_on_cuda_one_at_a_time():
     cpu = prune(tiny_llama(), allocation="layer")
     for a, b in zip(model.state_dict().values(), cpu.state_dict().values(), strict=True):
         assert torch.equal(a == 0, b == 0) or (a == 0).ne(b == 0).float().mean() < 0.01  # fp differences move ties only
+
+
+@pytest.mark.parametrize("sequential", ["projection", "layer"])
+def test_the_last_reader_of_an_input_group_caches_nothing(sequential):
+    """The walk marks the last projection reading each input group's statistics (q, k, v → v; gate, up → up; o and
+    down alone), the kernel does not cache its factor then, every cache is empty once the group is solved, and the
+    weights are those of a walk that caches everything (the cached factor is the same computation)."""
+    from optimum_mosaic.registry import get_method
+
+    method = get_method("unstructured", "sparsegpt")
+    original, seen = method.fn, []
+
+    def recording(weight, stats, *args, **kwargs):
+        seen.append((tuple(weight.shape), stats.final_read, stats))
+        return original(weight, stats, *args, **kwargs)
+
+    object.__setattr__(method, "fn", recording)
+    try:
+        model = prune(tiny_llama(), sparsity=0.5, allocation="uniform", pruner="sparsegpt", sequential=sequential)
+    finally:
+        object.__setattr__(method, "fn", original)
+    flags = [final for _, final, _ in seen]
+    per_layer = len(seen) // model.config.num_hidden_layers
+    order = [shape for shape, _, _ in seen[:per_layer]]
+    groups = [s for _, _, s in seen[:per_layer]]
+    expected = [all(groups[j] is not groups[i] for j in range(i + 1, per_layer)) for i in range(per_layer)]
+    assert flags[:per_layer] == expected and expected.count(True) == 4 and len(order) == 7  # one per input group
+    assert all(not stats.cache for _, _, stats in seen)
+
+    from optimum_mosaic.calibration.statistics import InputStatistics
+
+    cached = tiny_llama()
+    default = InputStatistics.__dict__["final_read"]
+    InputStatistics.final_read = property(lambda self: False, lambda self, value: None)  # every reader caches
+    try:
+        prune(cached, sparsity=0.5, allocation="uniform", pruner="sparsegpt", sequential=sequential)
+    finally:
+        InputStatistics.final_read = default
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), cached.state_dict().values(), strict=True)
+    )

@@ -24,6 +24,8 @@ class InputStatistics:
     tokens: int = 0
     total: torch.Tensor | None = None
     cache: dict = field(default_factory=dict, repr=False, compare=False)  # derived data (e.g. factors)
+    # set by the walk before the last projection that reads these statistics: kernels need not cache for later readers
+    final_read: bool = field(default=False, repr=False, compare=False)
 
     @classmethod
     def empty(cls, features: int, hessian: bool, device=None, dtype=torch.float32) -> InputStatistics:

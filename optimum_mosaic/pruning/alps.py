@@ -196,7 +196,7 @@ def admm(Wn, Hn, k: int, nm, rho: float, max_iterations: int, inverse: RidgeInve
         D0, last_support = start, start != 0
         V0 = (Wn - start) @ Hn
     B0 = Wn if start is None else start
-    D, V, B = D0.clone(), V0.clone(), B0.clone()
+    D, V, B = D0, V0, B0  # never modified in place: a restart can return to them without copies
     growing, restarts, ratio, done = start is not None, 0, float("nan"), 0
     solved = start is not None  # B = D₀ already solves the B-step from (D₀, V₀), whatever ρ
     for iteration in range(max_iterations):
@@ -215,7 +215,7 @@ def admm(Wn, Hn, k: int, nm, rho: float, max_iterations: int, inverse: RidgeInve
         rho, growing = step.rho, step.growing
         if step.restart:
             restarts += 1
-            B, D, V = B0.clone(), D0.clone(), V0.clone()
+            B, D, V = B0, D0, V0
             solved = start is not None
         if step.stop:
             break

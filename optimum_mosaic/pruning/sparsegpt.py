@@ -47,11 +47,12 @@ def prepare_obs(weight, stats, dampening: float, nm, block_size: int, info: dict
     """``(W, diag H, U, δ)`` shared by the OBS kernels: an fp32 copy of the weight, the diagonal of ``H`` with
     never-active inputs set to ``H_jj = 1`` (their weights zeroed: they are useless and would make H singular), the
     factor ``U`` and the dampening actually used (recorded in ``info``). The factor is cached on ``stats``, so projections that share an
-    input (q, k, v; gate, up) pay for one factorisation."""
+    input (q, k, v; gate, up) pay for one factorisation — except for the last of them (``stats.final_read``)."""
     if nm and block_size % nm[1]:
         raise ValueError(f"block_size {block_size} must be a multiple of M={nm[1]} for an N:M pattern")
     key = ("obs_factor", dampening, str(weight.device))
-    if key not in stats.cache:
+    factor = stats.cache.get(key)
+    if factor is None:
         H = stats.hessian.to(weight.device, torch.float32)
         dead = torch.diag(H) == 0
         if dead.any():
@@ -60,8 +61,10 @@ def prepare_obs(weight, stats, dampening: float, nm, block_size: int, info: dict
         U, damp = inverse_hessian_factor(H, dampening)
         if damp != dampening:
             logger.warning("%s: Cholesky needed dampening %g instead of %g", method, damp, dampening)
-        stats.cache[key] = (torch.diag(H).clone(), dead, U, damp)
-    h, dead, U, damp = stats.cache[key]
+        factor = (torch.diag(H).clone(), dead, U, damp)
+        if not getattr(stats, "final_read", False):  # no later projection reads it: freed with this call
+            stats.cache[key] = factor
+    h, dead, U, damp = factor
     W = weight.detach().clone().float()
     W[:, dead] = 0.0
     if info is not None:
