@@ -15,7 +15,8 @@ and (Hn + ρI)⁻¹), ``solve`` (the kernels, less their Hessian work), ``struct
 venv (``--peer-python``; total time and peak RSS only). Writes ``benchmarks/results/scale_<shape>.json``.
 
 Extrapolation (``extrapolate``): statistics and forwards scale with tokens (× 128·2048 / tokens measured) and the
-rest does not; a whole model = layers × one layer. To one GPU: FLOPs / (the GPU's dense fp32 rate × 0.5).
+rest does not; a whole model = layers × one layer. Where a method ran at two or more token counts (``--nsamples``),
+``token_fits`` also fits ``prune_s = a + b·tokens`` through those runs (no stage split needed: llm-compressor too). To one GPU: FLOPs / (the GPU's dense fp32 rate × 0.5).
 """
 
 from __future__ import annotations
@@ -176,6 +177,33 @@ def extrapolate(row: dict, tokens: int, layers: int, whole: int) -> dict:
     }
 
 
+def token_fits(rows: list[dict], layers: int, whole: int) -> dict:
+    """Per method with runs at two or more token counts (same layers, no error, not marked ``contended``): the line
+    ``prune_s = a + b·tokens`` through them, and its value at ``FULL`` tokens per layer and for the whole model.
+    Needs no stage split, so it covers llm-compressor too; ``extrapolate`` assumes the split instead."""
+    by_method = defaultdict(dict)
+    for row in rows:
+        if (
+            row.get("layers") == layers
+            and "error" not in row
+            and row.get("prune_s") is not None
+            and not row.get("contended")
+        ):
+            by_method[row["method"]][row["tokens"]] = row["prune_s"]
+    fits = {}
+    for method, points in by_method.items():
+        if len(points) < 2:
+            continue
+        t = torch.tensor(list(points), dtype=torch.float64)
+        y = torch.tensor(list(points.values()), dtype=torch.float64)
+        b = float(((t - t.mean()) * (y - y.mean())).sum() / (t - t.mean()).square().sum())
+        a = float(y.mean()) - b * float(t.mean())
+        at_full = (a + b * FULL) / layers
+        fits[method] = {"tokens": sorted(points), "fixed_s": round(a, 1), "s_per_1k_tokens": round(1000 * b, 2),
+                        "layer_at_128x2048_s": round(at_full, 1), "model_at_128x2048_h": round(at_full * whole / 3600, 2)}  # fmt: skip
+    return fits
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
@@ -213,7 +241,9 @@ def main() -> None:
             rows.append(row)
             print({k: row.get(k) for k in ("method", "prune_s", "peak_rss_mib", "stages_s", "error")}, flush=True)
             out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps({"shape": SHAPES[args.shape], "rows": rows}, indent=1, ensure_ascii=False) + "\n")
+            fits = token_fits(rows, args.layers, SHAPES[args.shape]["n"])
+            payload = {"shape": SHAPES[args.shape], "rows": rows, "token_fits": fits}
+            out.write_text(json.dumps(payload, indent=1, ensure_ascii=False) + "\n")
 
 
 if __name__ == "__main__":

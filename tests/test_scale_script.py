@@ -73,3 +73,17 @@ def test_wide_projection_compares_the_kernel_with_a_baseline_revision(tmp_path):
     assert base["zeros"] == new["zeros"] == 96 * 384 // 2
     assert (base["inverses"], new["inverses"]) == (3, 2) and base["iterations"] == new["iterations"] == 6
     assert got["support_flips"] < 0.01 and abs(got["layer_error_ratio"] - 1) < 0.01
+
+
+def test_token_fits_draw_a_line_through_the_runs_of_each_method(scale):
+    rows = [
+        {"method": "m", "layers": 1, "tokens": 8192, "prune_s": 300.0},
+        {"method": "m", "layers": 1, "tokens": 16384, "prune_s": 500.0},
+        {"method": "one run", "layers": 1, "tokens": 8192, "prune_s": 100.0},  # one point: no line
+        {"method": "m", "layers": 2, "tokens": 4096, "prune_s": 1.0},  # another layer count: not mixed in
+    ]
+    fits = scale.token_fits(rows, layers=1, whole=32)
+    per_layer = 100.0 + 200.0 / 8192 * scale.FULL  # 100 s fixed + 200 s per 8192 tokens
+    assert list(fits) == ["m"]
+    assert fits["m"]["fixed_s"] == 100.0 and fits["m"]["layer_at_128x2048_s"] == round(per_layer, 1)
+    assert fits["m"]["model_at_128x2048_h"] == round(per_layer * 32 / 3600, 2)

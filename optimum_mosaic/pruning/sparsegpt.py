@@ -20,22 +20,33 @@ from .masks import lowest_k_mask, nm_mask
 logger = logging.get_logger(__name__)
 
 SUB_BLOCK = 16  # columns updated one by one before a GEMM catches the rest of the block up
+FLIP_ROWS = 1024  # rows of H reversed per copy while building JHJ
 
 
 def inverse_hessian_factor(H: torch.Tensor, dampening: float, max_retries: int = 4) -> tuple[torch.Tensor, float]:
     """``U`` with ``UᵀU = (H + δ·mean(diag H)·I)⁻¹``; δ grows ×10 on a failed Cholesky, at most ``max_retries`` times.
 
     One Cholesky and one triangular inverse: with ``J`` the reversal permutation and ``JHJ = LLᵀ``,
-    ``H⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J)`` and ``J L⁻¹ J`` is upper triangular with a positive diagonal."""
+    ``H⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J)`` and ``J L⁻¹ J`` is upper triangular with a positive diagonal. Both run in place
+    in column-major buffers (LAPACK's layout, so the bits are those of the out-of-place calls): two ``n × n``
+    buffers besides ``H`` instead of four — 1.6 GB less at a 14336-wide input."""
+    n = H.shape[0]
     mean_diag = torch.diag(H).mean()
     damp = dampening
+    failed = torch.empty((), dtype=torch.int32, device=H.device)
+    A = torch.empty_strided((n, n), (1, n), dtype=H.dtype, device=H.device)
     for _ in range(max_retries + 1):
-        A = H.flip(0, 1)  # a copy; its diagonal is diag(H) reversed
+        for i in range(0, n, FLIP_ROWS):  # A = JHJ, without a full-size temporary
+            j = min(i + FLIP_ROWS, n)
+            A[i:j] = H[n - j : n - i].flip(0, 1)
         A.diagonal().add_(damp * mean_diag)
-        L, failed = torch.linalg.cholesky_ex(A)
+        torch.linalg.cholesky_ex(A, out=(A, failed))
         if not failed:
-            A.zero_().diagonal().fill_(1.0)  # reuse the buffer as the identity
-            return torch.linalg.solve_triangular(L, A, upper=False).flip(0, 1), damp
+            inverse = torch.zeros_like(A)  # column-major too
+            inverse.diagonal().fill_(1.0)
+            torch.linalg.solve_triangular(A, inverse, upper=False, out=inverse)
+            del A
+            return inverse.flip(0, 1), damp
         damp *= 10
     raise torch.linalg.LinAlgError(
         f"SparseGPT: H is not positive definite even with dampening {damp / 10:g}; "

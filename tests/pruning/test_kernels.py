@@ -150,3 +150,26 @@ def test_sparsegpt_retries_with_more_dampening():
     info = {}
     sparsegpt_prune(W, stats, 0.5, block_size=4, info=info)
     assert info["dampening"] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("n", [7, 300, 1100])  # 1100: more than one block of FLIP_ROWS reversed rows
+def test_the_in_place_factor_has_the_bits_of_the_plain_formula(n):
+    """``inverse_hessian_factor`` builds ``JHJ``, factorises and inverts in place in column-major buffers; the
+    result must be bit for bit (values and layout, which later GEMMs' rounding depends on) the out-of-place
+    ``J · solve_triangular(cholesky(JHJ + δI), I) · J``, and so must the δ retries."""
+    from optimum_mosaic.pruning import sparsegpt
+
+    torch.manual_seed(n)
+    X = torch.randn(n + 40, n) * torch.rand(n) ** 3
+    for H, dampening in ((X.T @ X, 0.01), (X[: n // 2].T @ X[: n // 2], 1e-9)):  # the second needs retries
+        got, damp = sparsegpt.inverse_hessian_factor(H, dampening)
+        expected_damp = dampening
+        while True:
+            A = H.flip(0, 1)
+            A.diagonal().add_(expected_damp * torch.diag(H).mean())
+            L, failed = torch.linalg.cholesky_ex(A)
+            if not failed:
+                break
+            expected_damp *= 10
+        expected = torch.linalg.solve_triangular(L, torch.eye(n), upper=False).flip(0, 1)
+        assert damp == expected_damp and torch.equal(got, expected) and got.stride() == expected.stride()
