@@ -60,7 +60,7 @@ def worker(spec: dict) -> dict:
     E = W - pruned
     error = float(((E @ stats.hessian) * E).sum() / ((W @ stats.hessian) * W).sum())
     torch.save(pruned != 0, spec["support"])
-    return dict(seconds=round(seconds, 1), peak_rss_mib=round(peak, 1), inverses=info.get("inverses"),
+    return dict(seconds=round(seconds, 3), peak_rss_mib=round(peak, 1), inverses=info.get("inverses"),
                 iterations=info.get("iterations"), layer_error=error, zeros=int((pruned == 0).sum()))  # fmt: skip
 
 
@@ -93,7 +93,7 @@ def main() -> None:
         "problem": {k: getattr(args, k) for k in ("rows", "cols", "tokens", "sparsity", "threads")},
         "torch": torch.__version__,
         "rows": rows,
-        "speedup": round(base["seconds"] / new["seconds"], 2),
+        "speedup": round(base["seconds"] / new["seconds"], 2) if new["seconds"] else None,  # tiny runs can time 0
         "peak_saved_mib": round(base["peak_rss_mib"] - new["peak_rss_mib"], 1),
         "support_flips": flips,
         "layer_error_ratio": new["layer_error"] / base["layer_error"],
