@@ -44,6 +44,7 @@ def capture_statistics(layers_wanted, nsamples: int, seqlen: int, holdout: int, 
     from optimum_mosaic.architectures import decoder_layers
     from optimum_mosaic.calibration.data import sample_windows
     from optimum_mosaic.calibration.layerwise import capture, forward_layer
+    from optimum_mosaic.layer_walk import input_owners
 
     pruner = Pruner.from_pretrained("smollm2-135m")
     targets = pruner._targets(PrunedConfig(sparsity=0.5, allocation="uniform"))
@@ -53,7 +54,7 @@ def capture_statistics(layers_wanted, nsamples: int, seqlen: int, holdout: int, 
     out = {}
     for idx in range(max(layers_wanted) + 1):
         if idx in layers_wanted:
-            owners = pruner._owners(idx, targets)
+            owners = input_owners(pruner.spec, targets[idx])
             inputs = {o: [] for o in set(owners.values())}
             hooks = [
                 targets[idx][o].register_forward_hook(lambda m, a, y, sink=sink: sink.append(a[0].double()))

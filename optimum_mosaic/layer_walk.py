@@ -1,6 +1,7 @@
-"""The sequential layer walk of ``Pruner``: per decoder layer, statistics of its inputs (from the already pruned
-layers before it) → structured removal (``structured/``) → unstructured kernel per projection → its outputs for
-the next layer. Also the dense profile walk that measures outlier ratios and structured-removal options."""
+"""The walk over decoder layers, one resident at a time: the dense profile pass (outlier ratios and structured-removal
+options) and the sequential pruning pass — per layer, statistics of its inputs (from the already pruned layers
+before it) → structured removal (``structured/``) → unstructured kernel per projection → its outputs for the next
+layer. The one place that knows where a layer lives (device, disk when offloaded) and which process solves what."""
 
 from __future__ import annotations
 
@@ -11,25 +12,40 @@ from tqdm.auto import tqdm
 
 from .allocation.outliers import OutlierProfile, wanda_scores
 from .allocation.sensitivity import input_hessian_proxy
-from .architectures import decoder_layers, layer_projections
+from .architectures import ArchSpec, decoder_layers, layer_projections
 from .calibration.distributed import broadcast_object, broadcast_tensor, residual_energy, split_solves, world
-from .calibration.layerwise import Activations, collect_statistics, forward_layer, forward_pruning
+from .calibration.layerwise import Activations, collect_statistics, forward_layer, forward_pruning, on_device
 from .configuration import PrunedConfig
 from .report import Targets, count_zeros
 from .structured import remove_units, unit_options
 from .structured.composite import remove_empty_units_in_layer, restrict_statistics
 
 
+def input_owners(spec: ArchSpec, projections) -> dict[str, str]:
+    """Projection → the projection whose input hook serves it (q, k, v share one input, so do gate and up)."""
+    owners = {}
+    for group in spec.input_groups:
+        present = [p for p in group if p in projections]
+        owners.update({p: present[0] for p in present})
+    return owners
+
+
 class LayerWalk:
-    """Mixin of ``Pruner`` (which provides ``model``, ``spec``, ``store`` and ``_resident``)."""
+    """Walks ``model``'s decoder layers on ``device`` (read from and written back to ``store`` when offloaded).
+    ``dampening`` collects the projections whose SparseGPT factor needed more than the configured dampening."""
+
+    def __init__(self, model, spec: ArchSpec, device, store=None):
+        self.model, self.spec, self.device, self.store = model, spec, device, store
+        self.dampening: dict[str, float] = {}
+
+    def resident(self, idx: int, write: bool = False):
+        """Layer ``idx`` on the execution device for a block (loaded from disk and written back when offloaded)."""
+        if self.store is not None:
+            return self.store.resident(idx, self.device, write)
+        return on_device(decoder_layers(self.model, self.spec)[idx], self.device, compute=True)
 
     def _owners(self, idx: int, targets: Targets) -> dict[str, str]:
-        """Projection → the projection whose input hook serves it (q, k, v share one input, so do gate and up)."""
-        owners = {}
-        for group in self.spec.input_groups:
-            present = [p for p in group if p in targets[idx]]
-            owners.update({p: present[0] for p in present})
-        return owners
+        return input_owners(self.spec, targets[idx])
 
     def _layer_statistics(self, layer, acts, idx, targets, hessian) -> tuple[dict, torch.Tensor]:
         owners = self._owners(idx, targets)
@@ -37,14 +53,14 @@ class LayerWalk:
         stats, out = collect_statistics(layer, acts, idx, hooked, hessian)
         return {p: stats[o] for p, o in owners.items()}, out
 
-    def _outlier_pass(self, acts: Activations, targets: Targets, profile: OutlierProfile, thresholds, config):
+    def profile(self, acts: Activations, targets: Targets, profile: OutlierProfile, thresholds, config):
         """Dense walk: Wanda scores of every projection → outlier ratios (profile updated in place). With
         structured removal, also what each layer could give up: ``{(layer, kind): [Option]}``."""
         units = config.structured_units if config.structured_sparsity > 0 else ()
         options = {}
         layers = decoder_layers(self.model, self.spec)
         for idx in tqdm(range(len(layers)), desc="Outlier profile"):
-            with self._resident(idx) as layer:
+            with self.resident(idx) as layer:
                 if idx in targets:
                     whole = units and len(targets[idx]) == len(self.spec.keys)  # units need every projection
                     hessian = ("o", "down") if whole else False
@@ -63,10 +79,10 @@ class LayerWalk:
         return options
 
     @torch.no_grad()
-    def _prune_layers(self, acts, targets: Targets, plan, kernel, config: PrunedConfig, cuts=None, label="") -> None:
+    def prune(self, acts, targets: Targets, plan, kernel, config: PrunedConfig, cuts=None, label="") -> None:
         """Sequential pass: statistics from already-pruned inputs, remove units (``cuts``), prune, propagate."""
         cuts = cuts or {}
-        self._dampening = {}
+        self.dampening = {}
         last = max(targets)
         if not cuts and all(s == 0 for s in plan.values()):
             return  # nothing to remove
@@ -74,13 +90,21 @@ class LayerWalk:
         walk = bool(kernel.needs or cuts)  # the layers must see the outputs of the pruned layers before them
         desc = f"Pruning ({kernel.name}{', ' + label if label else ''})"
         for idx in tqdm(range(last + 1), desc=desc):
-            with self._resident(idx, write=self.store is not None) as layer:
+            with self.resident(idx, write=self.store is not None) as layer:
                 propagate = walk and idx < last
                 self._walk_layer(layer, acts, idx, targets, kernel, config, cuts.get(idx), prune, propagate)
                 if self.store is not None and idx in targets:
-                    self._finish_offloaded(layer, idx, targets, clean=not self.store.in_candidate)
+                    self.finish_offloaded(layer, idx, targets, clean=not self.store.in_candidate)
 
-    def _finish_offloaded(self, layer, idx: int, targets: Targets, clean: bool = True) -> None:
+    def adopt(self, name: str, targets: Targets) -> None:
+        """Offloaded λ/M search: the winning candidate's layers become the result; then the clean-up its walk
+        skipped."""
+        self.store.adopt(name)
+        for idx in sorted(targets):
+            with self.resident(idx, write=True) as layer:
+                self.finish_offloaded(layer, idx, targets)
+
+    def finish_offloaded(self, layer, idx: int, targets: Targets, clean: bool = True) -> None:
         """An offloaded layer before it is written: the in-memory clean-up of empty units (not while a λ/M
         candidate is pruned: the skeleton's shapes must stay those of the checkpoint), then its zero counts."""
         if clean:
@@ -100,7 +124,7 @@ class LayerWalk:
         options.update({k: v for k, v in iterations.items() if v is not None})  # else the kernel's default
         lin.weight.data.copy_(kernel.fn(lin.weight.data, stats, sparsity, info=info, **options))
         if info.get("dampening", config.dampening) != config.dampening:
-            self._dampening[f"{idx}.{proj}"] = info["dampening"]
+            self.dampening[f"{idx}.{proj}"] = info["dampening"]
 
     def _walk_layer(self, layer, acts, idx, targets: Targets, kernel, config, cut, prune, propagate: bool) -> None:
         """Layer ``idx``: remove units (``cut``), prune its projections, and (``propagate``) compute its outputs
@@ -140,9 +164,9 @@ class LayerWalk:
             return
         for proj in projs:
             broadcast_tensor(targets[idx][proj].weight.data, owners[proj])
-            damp = broadcast_object(self._dampening.get(f"{idx}.{proj}"), owners[proj])
+            damp = broadcast_object(self.dampening.get(f"{idx}.{proj}"), owners[proj])
             if damp is not None:
-                self._dampening[f"{idx}.{proj}"] = damp
+                self.dampening[f"{idx}.{proj}"] = damp
 
     def _remove_units(self, layer, acts, idx, targets: Targets, cut, config, hessian: bool) -> dict | None:
         """Structured step of layer ``idx``: statistics of the layer as it is, remove units with compensation,

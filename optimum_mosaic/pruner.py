@@ -1,5 +1,6 @@
-"""``Pruner``: calibrate → allocate → prune each layer → save. Orchestration only; the maths lives in
-``allocation/`` and ``pruning/``."""
+"""``Pruner``: calibrate → measure → allocate → prune each layer → save. Orchestration only: the maths lives in
+``allocation/``, ``pruning/`` and ``structured/``, the walk over the layers (devices, disk, processes) in
+``layer_walk.py``."""
 
 from __future__ import annotations
 
@@ -11,13 +12,12 @@ from transformers.utils import logging
 from .allocation.outliers import OutlierProfile
 from .allocation.search import search_allocation, search_grid, search_thresholds
 from .allocation.sensitivity import hutchinson_traces
-from .architectures import check_structured, decoder_layers, get_arch_spec
+from .architectures import check_structured, get_arch_spec
 from .calibration.data import CORPUS_NAMES, sample_windows
 from .calibration.distributed import barrier, shard_windows, world
 from .calibration.layerwise import (
     Activations,
     capture,
-    on_device,
 )
 from .configuration import AUTO, PrunedConfig
 from .evaluation import mean_nll
@@ -32,7 +32,7 @@ from .structured.composite import remainder_plan, remove_empty_units
 logger = logging.get_logger(__name__)
 
 
-class Pruner(LayerWalk):
+class Pruner:
     """Prunes a causal LM in place. ``Pruner(model, tokenizer)`` or ``Pruner.from_pretrained(path)``."""
 
     def __init__(self, model, tokenizer=None, device: str | torch.device | None = None, store=None, source=None):
@@ -139,59 +139,31 @@ class Pruner(LayerWalk):
         return self.model
 
     def _run(self, config: PrunedConfig, calibration_dataset, batch_size: int) -> None:
-        """calibrate → allocate → shrink structure → prune each layer → report (in ``self.report``)."""
+        """calibrate → measure the dense model → allocate → budget the structured removal → walk the layers
+        (per layer: statistics → structured → unstructured) → report (in ``self.report``). One call per stage."""
         clock = {"start": time.perf_counter()}
+        walk = LayerWalk(self.model, self.spec, self.device, self.store)
         targets = self._targets(config)
         self._dense_shapes = linear_summary(self.model, count=False)[0]
+        dense_numel = prunable_numel(targets)
         allocator = get_method("allocation", config.allocation)
         kernel = get_method("unstructured", config.pruner)
-        dense_numel = prunable_numel(targets)
-        profile = OutlierProfile(dense_numel)
-        acts, heldout = None, None
-        structured = config.structured_sparsity > 0
-        if allocator.needs or kernel.needs or structured:
-            acts, heldout = self._calibrate(config, calibration_dataset, batch_size)
-        if "loss_hessian" in allocator.needs:
-            profile.sensitivity = self._loss_hessian_traces(config, targets)
+        needs_data = allocator.needs or kernel.needs or config.structured_sparsity > 0
+        acts, heldout = self._calibrate(config, calibration_dataset, batch_size) if needs_data else (None, None)
         clock["calibration"] = time.perf_counter()
-        options = {}
-        if "outliers" in allocator.needs or structured:
-            thresholds = search_thresholds(config.lamda, config.outlier_threshold)
-            options = self._outlier_pass(acts.clone(), targets, profile, thresholds, config)
+        profile, options = self._measure(walk, config, allocator, targets, acts, dense_numel)
         clock["outliers"] = time.perf_counter()
-        plan, lamda, threshold, table = self._allocate(
-            config, allocator, kernel, profile, targets, acts, heldout, batch_size
+        plan, choice, searched = self._allocate(
+            walk, config, allocator, kernel, profile, targets, acts, heldout, batch_size
         )
         clock["allocation"] = time.perf_counter()
-        cuts = {}
-        if structured:  # how many units each layer gives up; the walk chooses and removes them
-            cuts, numel = plan_cuts(
-                options, model_shapes(self.model, self.spec), config.structured_sparsity, dense_numel
-            )
-            plan = remainder_plan(plan, dense_numel, numel, config.sparsity)
+        plan, cuts = self._structured_budget(config, options, plan, dense_numel)
         clock["structured"] = time.perf_counter()
-        if self._searched is not None and self.store is not None:
-            self._adopt_offloaded(self._searched, targets)
-        elif self._searched is not None:
-            self._restore(targets, self._searched)  # the winning candidate already is this prune
-        else:
-            self._prune_layers(acts, targets, plan, kernel, config, cuts)
-        self._searched = None
-        if self.store is None:  # offloaded: the walk cleaned each layer up while it was resident
-            remove_empty_units(self.model, self.spec)
-        fit_config_to_shapes(self.model)  # reads shapes only (offloaded layers are on ``meta``)
-        if self.store is None:
-            targets = self._targets(config)
+        targets = self._prune(walk, config, kernel, targets, acts, plan, cuts, searched)
         clock["prune"] = time.perf_counter()
-        self.report = self._build_report(config, targets, dense_numel, plan, lamda, threshold, table, acts, clock)
+        self.report = self._build_report(config, targets, dense_numel, plan, choice, acts, clock, walk.dampening)
         self.model.mosaic_report = self.report
         self.model.mosaic_config = config
-
-    def _resident(self, idx: int, write: bool = False):
-        """Layer ``idx`` on the execution device for a block (loaded from disk and written back when offloaded)."""
-        if self.store is not None:
-            return self.store.resident(idx, self.device, write)
-        return on_device(decoder_layers(self.model, self.spec)[idx], self.device, compute=True)
 
     def _targets(self, config: PrunedConfig) -> Targets:
         if config.structured_sparsity > 0:  # fail before calibrating
@@ -204,6 +176,8 @@ class Pruner(LayerWalk):
         return targets
 
     def _calibrate(self, config, data, batch_size) -> tuple[Activations, torch.Tensor | None]:
+        """Calibration windows (this process's share) → the first decoder layer's inputs; the held-out windows the
+        λ/M search scores on."""
         if self.tokenizer is None and not isinstance(data, torch.Tensor):
             raise ValueError("calibration text needs a tokenizer: Pruner(model, tokenizer), or pass token ids")
         holdout = config.search_samples if config.search_grid and config.allocation.startswith("projection") else 0
@@ -223,18 +197,27 @@ class Pruner(LayerWalk):
         batch = windows.shape[0] if one_batch else batch_size
         return capture(self.model, self.spec, windows, self.device, batch), heldout
 
-    def _loss_hessian_traces(self, config, targets: Targets) -> dict:
-        """Hutchinson estimate of every target matrix's loss-Hessian trace (allocation/sensitivity.py)."""
-        weights = {key: lin.weight for key, lin in _flat(targets).items()}
-        windows = self._windows[: config.hessian_samples]
-        self.model.to(self.device)  # the double backward needs the whole model on one device
-        return hutchinson_traces(self.model, windows, weights, samples=1, seed=config.seed)
+    def _measure(self, walk, config, allocator, targets, acts, dense_numel) -> tuple[OutlierProfile, dict]:
+        """The dense model's profile: loss-Hessian traces (when the allocator asks), outlier ratios per projection
+        and, for composite pruning, each layer's structured-removal options (one dense walk for both)."""
+        profile, options = OutlierProfile(dense_numel), {}
+        if "loss_hessian" in allocator.needs:  # Hutchinson estimate of every target matrix's loss-Hessian trace
+            weights = {key: lin.weight for key, lin in _flat(targets).items()}
+            self.model.to(self.device)  # the double backward needs the whole model on one device
+            windows = self._windows[: config.hessian_samples]
+            profile.sensitivity = hutchinson_traces(self.model, windows, weights, samples=1, seed=config.seed)
+        if "outliers" in allocator.needs or config.structured_sparsity > 0:
+            thresholds = search_thresholds(config.lamda, config.outlier_threshold)
+            options = walk.profile(acts.clone(), targets, profile, thresholds, config)
+        return profile, options
 
-    def _allocate(self, config, allocator, kernel, profile, targets, acts, heldout, batch_size):
-        self._searched = None
+    def _allocate(self, walk, config, allocator, kernel, profile, targets, acts, heldout, batch_size):
+        """Per-projection sparsity: ``(plan, (λ, M, search table), searched)``. The λ/M search scores each candidate
+        plan by a whole prune; ``searched`` is the winner's result (weights, or its directory when offloaded) when
+        the search pruned with the configured kernel, else None."""
         if not allocator.needs:
-            return allocator.fn(profile, config.sparsity), None, None, []
-        lamda, threshold, table = config.lamda, config.outlier_threshold, []
+            return allocator.fn(profile, config.sparsity), (None, None, []), None
+        lamda, threshold, table, best = config.lamda, config.outlier_threshold, [], {}
         if config.search_grid and config.structured_sparsity > 0:
             # the search would score three whole composite prunes; the unstructured remainder is spread evenly
             threshold = search_thresholds(lamda, threshold)[0]  # the first M the outlier pass measured
@@ -243,68 +226,82 @@ class Pruner(LayerWalk):
         elif config.search_grid:
             candidates = search_grid(config.sparsity, lamda, threshold)
             scorer = get_method("unstructured", config.search_pruner or config.pruner)
-            score = self._proxy_score(scorer, config, targets, acts, heldout, batch_size, keep=scorer is kernel)
+            proxy = self._offloaded_score if self.store is not None else self._proxy_score
+            score, best = proxy(walk, scorer, config, targets, acts, heldout, batch_size, keep=scorer is kernel)
             lamda, threshold, table = search_allocation(allocator.fn, profile, config.sparsity, candidates, score)
             logger.info("λ/M search chose λ=%.3f M=%.1f", lamda, threshold)
         plan = allocator.fn(profile, config.sparsity, lamda=lamda, outlier_threshold=threshold)
-        return plan, lamda, threshold, table
+        return plan, (lamda, threshold, table), best.get("result")
 
-    def _proxy_score(self, kernel, config, targets: Targets, acts, heldout, batch_size, keep: bool = True):
+    def _proxy_score(self, walk, kernel, config, targets: Targets, acts, heldout, batch_size, keep: bool = True):
         """Score a plan by a prune with ``kernel`` (same calibration) and the mean NLL of the held-out calibration
-        windows. With ``keep`` (``kernel`` is the pruner) the best candidate's weights are kept, so the search costs
-        one prune per candidate and the final prune comes free. (Cheaper proxies than a whole prune mis-ranked plans
-        on SmolLM2-135M.)"""
-        if self.store is not None:
-            return self._offloaded_score(kernel, config, targets, acts, heldout, batch_size, keep)
+        windows. With ``keep`` (``kernel`` is the pruner) the best candidate's weights are kept (``best["result"]``),
+        so the search costs one prune per candidate and the final prune comes free. (Cheaper proxies than a whole
+        prune mis-ranked plans on SmolLM2-135M.)"""
         dense = {k: lin.weight.detach().clone() for k, lin in _flat(targets).items()}
         best = {"loss": float("inf")}
 
         def score(plan, label: str = "") -> float:
-            self._prune_layers(acts.clone(), targets, plan, kernel, config, label=label)
+            walk.prune(acts.clone(), targets, plan, kernel, config, label=label)
             loss = mean_nll(self.model, heldout, batch_size)
             if loss < best["loss"] and keep:
-                best.update(loss=loss, weights={k: lin.weight.detach().clone() for k, lin in _flat(targets).items()})
-                self._searched = best["weights"]
+                best.update(loss=loss, result={k: lin.weight.detach().clone() for k, lin in _flat(targets).items()})
             self._restore(targets, dense)
             return loss
 
-        return score
+        return score, best
 
-    def _offloaded_score(self, kernel, config, targets: Targets, acts, heldout, batch_size, keep: bool):
+    def _offloaded_score(self, walk, kernel, config, targets: Targets, acts, heldout, batch_size, keep: bool):
         """``_proxy_score`` with the layers on disk: each candidate's layers are written to a directory of their
         own and scored with the model streamed layer by layer; the best candidate's directory is kept."""
-        best, names = {"loss": float("inf"), "name": None}, iter(range(10**6))
+        best, names = {"loss": float("inf")}, iter(range(10**6))
 
         def score(plan, label: str = "") -> float:
             name = f".candidate-{next(names)}"
             with self.store.candidate(name):
-                self._prune_layers(acts.clone(), targets, plan, kernel, config, label=label)
+                walk.prune(acts.clone(), targets, plan, kernel, config, label=label)
                 with self.store.streamed(self.device) as model:
                     loss = mean_nll(model, heldout, batch_size)
             if loss < best["loss"] and keep:
-                if best["name"] is not None:
-                    self.store.discard(best["name"])
-                best.update(loss=loss, name=name)
-                self._searched = name
+                if "result" in best:
+                    self.store.discard(best["result"])
+                best.update(loss=loss, result=name)
             else:
                 self.store.discard(name)
             return loss
 
-        return score
+        return score, best
 
-    def _adopt_offloaded(self, name: str, targets: Targets) -> None:
-        """The winning candidate's layers become the result; then the clean-up the candidate walk skipped."""
-        self.store.adopt(name)
-        for idx in sorted(targets):
-            with self._resident(idx, write=True) as layer:
-                self._finish_offloaded(layer, idx, targets)
+    def _structured_budget(self, config, options, plan, dense_numel):
+        """Composite: how many units each layer gives up (the walk chooses and removes them), and the unstructured
+        plan rescaled to what is left so the total stays the target."""
+        if config.structured_sparsity <= 0:
+            return plan, {}
+        shapes = model_shapes(self.model, self.spec)
+        cuts, numel = plan_cuts(options, shapes, config.structured_sparsity, dense_numel)
+        return remainder_plan(plan, dense_numel, numel, config.sparsity), cuts
+
+    def _prune(self, walk, config, kernel, targets, acts, plan, cuts, searched) -> Targets:
+        """Walk the layers (or take the λ/M search's winner, which already is this prune), then the lossless
+        clean-up of emptied units; the targets as the pruned model holds them."""
+        if searched is None:
+            walk.prune(acts, targets, plan, kernel, config, cuts)
+        elif self.store is not None:
+            walk.adopt(searched, targets)
+        else:
+            self._restore(targets, searched)
+        if self.store is None:  # offloaded: the walk cleaned each layer up while it was resident
+            remove_empty_units(self.model, self.spec)
+        fit_config_to_shapes(self.model)  # reads shapes only (offloaded layers are on ``meta``)
+        return targets if self.store is not None else self._targets(config)
 
     @staticmethod
     def _restore(targets: Targets, weights: dict) -> None:
         for key, lin in _flat(targets).items():
             lin.weight.data.copy_(weights[key])
 
-    def _build_report(self, config, targets, dense_numel, plan, lamda, threshold, table, acts, clock) -> PruningReport:
+    def _build_report(self, config, targets, dense_numel, plan, choice, acts, clock, dampening) -> PruningReport:
+        lamda, threshold, table = choice
         if self.store is not None:  # counted per layer as it was written; removed weights count as zeros
             counts = {k: (z + dense_numel[k] - n, dense_numel[k]) for k, (z, n) in self.store.counts.items()}
         else:
@@ -320,8 +317,8 @@ class Pruner(LayerWalk):
             logger.warning(
                 "Allocation %s drifts from the target: %.4f vs %.4f", config.allocation, planned, config.sparsity
             )
-        if getattr(self, "_dampening", None):
-            notes.append(f"SparseGPT needed more dampening for {self._dampening}")
+        if dampening:
+            notes.append(f"SparseGPT needed more dampening for {dampening}")
         stages = ("start", "calibration", "outliers", "allocation", "structured", "prune")
         names = ("calibration_s", "outlier_profile_s", "allocation_s", "structured_s", "prune_s")
         timings = {n: clock[b] - clock[a] for n, a, b in zip(names, stages, stages[1:], strict=False)}
