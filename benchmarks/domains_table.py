@@ -42,6 +42,7 @@ RUNS = {
     "ALPS-warm, Austen, δ 0.3": dict(allocation="uniform", pruner="alps_warm", dampening=0.3, **AUSTEN),
     "ALPS-warm, mixed corpus, δ 0.1": dict(allocation="uniform", pruner="alps_warm", dampening=0.1),
     "uniform ALPS": dict(allocation="uniform", pruner="alps", **AUSTEN),
+    "uniform ALPS, mixed corpus": dict(allocation="uniform", pruner="alps"),  # full ADMM + PCG on the default corpus
     "projection (auto) SparseGPT": dict(allocation="projection", pruner="sparsegpt", **AUSTEN),  # before issue 12
     "composite β=0.2 (default pruner)": dict(structured_sparsity=0.2),
     "structured only (MLP channels)": dict(structured_sparsity="all"),  # coarse-grained: all of S as whole units
