@@ -140,6 +140,25 @@ def test_a_stale_lock_of_a_killed_build_does_not_hang(tmp_path):
     assert not (cache / built.name / "lock").exists() and time.monotonic() - start < 120
 
 
+def test_a_build_leaves_the_extension_name_as_it_was(tmp_path, monkeypatch):
+    """torch's ``load`` appends its libraries to the ``extra_ldflags`` list it is given (seen with torch 2.13): the
+    flags that name the build must not be those lists, or every later lookup in the process (locks, the library's
+    path, the tests' copies of the build) would go to another directory."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    before = kernel._extension_name()
+
+    def load_like_torch(name, sources, extra_cflags, extra_ldflags, build_directory, **_):
+        extra_cflags.append("-fPIC")
+        extra_ldflags += ["-L/somewhere/torch/lib", "-ltorch"]
+        (Path(build_directory) / f"{name}.so").write_bytes(b"")  # the library, as a build leaves it
+
+    monkeypatch.setattr("torch.utils.cpp_extension.load", load_like_torch)
+    monkeypatch.setattr(torch.ops, "load_library", lambda path: None)
+    assert kernel._load_or_build() is None
+    assert kernel._extension_name() == before
+    assert (tmp_path / before / f"{before}.so").exists()
+
+
 def test_a_live_builder_is_waited_for_a_bounded_time(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setattr(kernel, "_loaded", {})

@@ -38,7 +38,7 @@ PATHS = ("auto", *ISA, "torch")
 # measures the crossover: the sparse path wins up to ~8 tokens on AVX-512/AVX2, the GEMM from ~16).
 DENSE_FROM = 16
 SOURCE = Path(__file__).with_name("csrc") / "bitmap_kernel.cpp"
-CFLAGS, LDFLAGS = ["-O3", "-fopenmp"], ["-fopenmp"]
+CFLAGS, LDFLAGS = ("-O3", "-fopenmp"), ("-fopenmp",)  # tuples: torch appends its libraries to the lists it is given
 BUILD_WAIT_S = 600.0  # the longest wait for another process's build (a first build takes about a minute)
 BUILD_LOCK = "mosaic_build.lock"
 
@@ -116,8 +116,8 @@ def _load_or_build() -> str | None:
         load(
             name=name,
             sources=[str(SOURCE)],
-            extra_cflags=CFLAGS,
-            extra_ldflags=LDFLAGS,
+            extra_cflags=list(CFLAGS),  # copies: torch extends them in place, which would change the name's hash
+            extra_ldflags=list(LDFLAGS),
             build_directory=str(directory),
             is_python_module=False,
             verbose=False,
