@@ -44,11 +44,8 @@ class LayerWalk:
             return self.store.resident(idx, self.device, write)
         return on_device(decoder_layers(self.model, self.spec)[idx], self.device, compute=True)
 
-    def _owners(self, idx: int, targets: Targets) -> dict[str, str]:
-        return input_owners(self.spec, targets[idx])
-
     def _layer_statistics(self, layer, acts, idx, targets, hessian) -> tuple[dict, torch.Tensor]:
-        owners = self._owners(idx, targets)
+        owners = input_owners(self.spec, targets[idx])
         hooked = {o: targets[idx][o] for o in set(owners.values())}
         stats, out = collect_statistics(layer, acts, idx, hooked, hessian)
         return {p: stats[o] for p, o in owners.items()}, out
@@ -184,7 +181,7 @@ class LayerWalk:
 
     def _forward_pruning(self, layer, acts, idx, targets: Targets, hessian: bool, prune) -> torch.Tensor:
         """One forward of the layer; each input group is pruned as its input arrives (q, k, v share one)."""
-        owners = self._owners(idx, targets)
+        owners = input_owners(self.spec, targets[idx])
         members = {o: [p for p, owner in owners.items() if owner == o] for o in set(owners.values())}
 
         def prune_group(owner: str, stats) -> None:
