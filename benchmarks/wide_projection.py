@@ -3,6 +3,7 @@ the result moves.
 
     python benchmarks/wide_projection.py --baseline fb83aef              # Llama-3-8B down_proj: 4096 × 14336
     python benchmarks/wide_projection.py --baseline fb83aef --rows 256 --cols 1024 --tokens 2048   # smoke
+    python benchmarks/wide_projection.py --baseline HEAD --final-read --out /tmp/w.json   # H consumed by Hn
 
 The baseline is ``optimum_mosaic/pruning/alps.py`` as of the git revision ``--baseline`` (``alps_speed.py`` loads
 it); everything else is today's code. Each version runs in a fresh process (peak RSS = that process's VmHWM) on
@@ -10,6 +11,8 @@ the same problem: weights N(0, 0.02²), ``H = XᵀX`` from ``--tokens`` random i
 ``0.1 + 10·u⁴`` (``u`` uniform; a few strong input channels, like real activations), 50 % sparsity. Reported:
 wall time of ``alps_warm_prune``, peak RSS, the inverses made, the relative layer error
 ``tr((W − Ŵ) H (W − Ŵ)ᵀ) / tr(W H Wᵀ)`` and the share of weights whose kept/pruned state differs between the two.
+``--final-read``: today's run marks the statistics as the walk marks the last projection reading them (``down_proj``
+is the only reader of its input), so ``Hn`` is built in ``H``'s memory; the baseline's run copies.
 Writes ``benchmarks/results/wide_projection.json``.
 """
 
@@ -52,11 +55,14 @@ def worker(spec: dict) -> dict:
     else:
         from optimum_mosaic.pruning.alps import alps_warm_prune as prune
     W, stats = problem(spec["rows"], spec["cols"], spec["tokens"])
+    stats.final_read = spec.get("final_read", False) and not spec["baseline"]
     info = {}
     start = time.perf_counter()
     pruned = prune(W, stats, spec["sparsity"], info=info)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if stats.hessian is None:  # consumed by the kernel (``--final-read``): the same H again, for the error
+        stats = problem(spec["rows"], spec["cols"], spec["tokens"])[1]
     E = W - pruned
     error = float(((E @ stats.hessian) * E).sum() / ((W @ stats.hessian) * W).sum())
     torch.save(pruned != 0, spec["support"])
@@ -72,6 +78,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--final-read", action="store_true", help="today's run may build Hn in H's memory")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/wide_projection.json"))
     args = parser.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
@@ -90,7 +97,7 @@ def main() -> None:
     base, new = rows.values()
     result = {
         "command": "python benchmarks/wide_projection.py " + " ".join(sys.argv[1:]),
-        "problem": {k: getattr(args, k) for k in ("rows", "cols", "tokens", "sparsity", "threads")},
+        "problem": {k: getattr(args, k) for k in ("rows", "cols", "tokens", "sparsity", "threads", "final_read")},
         "torch": torch.__version__,
         "rows": rows,
         "speedup": round(base["seconds"] / new["seconds"], 2) if new["seconds"] else None,  # tiny runs can time 0

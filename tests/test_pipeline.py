@@ -184,3 +184,22 @@ def test_the_last_reader_of_an_input_group_caches_nothing(sequential):
     assert all(
         torch.equal(a, b) for a, b in zip(model.state_dict().values(), cached.state_dict().values(), strict=True)
     )
+
+
+@pytest.mark.parametrize("sequential", ["projection", "layer"])
+def test_the_default_kernel_consuming_h_changes_no_weight(sequential):
+    """ALPS-warm's last reader of a group builds ``Hn`` in the memory of ``H`` (``normalized_hessian``); the walk's
+    weights equal those of a walk in which every reader copies."""
+    from optimum_mosaic.calibration.statistics import InputStatistics
+
+    model = prune(tiny_llama(), sparsity=0.6, allocation="uniform", pruner="alps_warm", sequential=sequential)
+    copying = tiny_llama()
+    default = InputStatistics.__dict__["final_read"]
+    InputStatistics.final_read = property(lambda self: False, lambda self, value: None)
+    try:
+        prune(copying, sparsity=0.6, allocation="uniform", pruner="alps_warm", sequential=sequential)
+    finally:
+        InputStatistics.final_read = default
+    assert model.mosaic_report.achieved_sparsity == pytest.approx(0.6, abs=1e-3)
+    for a, b in zip(model.state_dict().values(), copying.state_dict().values(), strict=True):
+        assert torch.equal(a, b)

@@ -87,3 +87,16 @@ def test_token_fits_draw_a_line_through_the_runs_of_each_method(scale):
     assert list(fits) == ["m"]
     assert fits["m"]["fixed_s"] == 100.0 and fits["m"]["layer_at_128x2048_s"] == round(per_layer, 1)
     assert fits["m"]["model_at_128x2048_h"] == round(per_layer * 32 / 3600, 2)
+
+
+def test_wide_projection_final_read_builds_hn_in_h_and_changes_nothing(tmp_path):
+    """``--final-read``: today's run lets the kernel build ``Hn`` in ``H``'s memory (as the walk does for a group's
+    last reader); the baseline (the same alps.py, HEAD) copies. The result is bit-identical."""
+    out = tmp_path / "wide.json"
+    args = ["--baseline", "HEAD", "--final-read", "--rows", "96", "--cols", "384", "--tokens", "768", "--threads", "1"]
+    subprocess.run([sys.executable, str(BENCHMARKS / "wide_projection.py"), *args, "--out", str(out)], check=True,
+                   capture_output=True, cwd=BENCHMARKS.parent)  # fmt: skip
+    got = json.loads(out.read_text())
+    base, new = got["rows"].values()
+    assert got["problem"]["final_read"] and base["zeros"] == new["zeros"] == 96 * 384 // 2
+    assert got["support_flips"] == 0.0 and got["layer_error_ratio"] == 1.0

@@ -20,6 +20,7 @@ SparseGPT: their weights are zeroed and ``H_jj = 1`` before the ridge.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -36,15 +37,26 @@ class NormalizedHessian:
 
 
 def normalized_hessian(stats, dampening: float, device) -> NormalizedHessian:
-    """The ridge-damped, unit-diagonal ``Hn`` of ``stats.hessian`` (cached on ``stats.cache``)."""
+    """The ridge-damped, unit-diagonal ``Hn`` of ``stats.hessian`` (cached on ``stats.cache``).
+
+    For the last projection reading the statistics (``stats.final_read``, set by the walk) ``Hn`` is built in the
+    memory of ``stats.hessian``, which is then set to None: no one reads ``H`` after that kernel, and at a wide input
+    this is one ``d_in²`` buffer less (0.82 GB at Llama-3-8B's ``down_proj``) while ``Hn`` and a ridge inverse live."""
     key = ("normalized_hessian", dampening, str(device))
     if key not in stats.cache:
-        H = stats.hessian.to(device, torch.float32, copy=True)
-        dead = torch.diag(H) == 0
-        H[dead, dead] = 1.0
-        H.diagonal().add_(dampening * torch.diag(H).mean())
-        x = torch.diag(H).sqrt() + 1e-8
-        stats.cache[key] = NormalizedHessian(H.div_(x.unsqueeze(0)).div_(x.unsqueeze(1)), x, dead)
+        H = stats.hessian
+        consume = getattr(stats, "final_read", False) and H.dtype == torch.float32 and H.device == torch.device(device)
+        if consume:
+            stats.hessian = None
+        else:
+            H = H.to(device, torch.float32, copy=True)
+        # statistics gathered under inference mode are inference tensors: updated in place only inside it
+        with torch.inference_mode() if H.is_inference() else contextlib.nullcontext():
+            dead = torch.diag(H) == 0
+            H[dead, dead] = 1.0
+            H.diagonal().add_(dampening * torch.diag(H).mean())
+            x = torch.diag(H).sqrt() + 1e-8
+            stats.cache[key] = NormalizedHessian(H.div_(x.unsqueeze(0)).div_(x.unsqueeze(1)), x, dead)
     return stats.cache[key]
 
 

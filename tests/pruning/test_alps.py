@@ -272,3 +272,20 @@ def test_warm_start_shares_the_sparsegpt_factor_and_the_inverses(monkeypatch):
     alps.alps_warm_prune(W, stats, 0.6, info=first)
     alps.alps_warm_prune(W * 2, stats, 0.6, info=second)  # as k after q: same input, same (scaled) problem
     assert second["inverses"] == 0 and len(calls) == 1 + first["inverses"]  # one SparseGPT factor + the inverses
+
+
+@pytest.mark.parametrize("kernel", [alps.alps_warm_prune, alps_prune, sparsegpt_refit_prune])
+def test_the_last_reader_builds_hn_in_the_memory_of_h(kernel):
+    """With ``final_read`` (the walk's mark for a group's last projection) the normalised Hessian takes the memory of
+    ``stats.hessian`` — one ``d_in²`` buffer less — and the weights are bit-identical to a copying run."""
+    W, stats = problem(3)
+    copying = kernel(W, stats, 0.6)
+    assert stats.hessian is not None  # an ordinary read leaves H as it was
+    W, stats = problem(3)
+    storage = stats.hessian.untyped_storage().data_ptr()
+    stats.final_read = True
+    consuming = kernel(W, stats, 0.6)
+    assert torch.equal(consuming, copying)
+    assert stats.hessian is None
+    norm = next(v for k, v in stats.cache.items() if k[0] == "normalized_hessian")
+    assert norm.Hn.untyped_storage().data_ptr() == storage
