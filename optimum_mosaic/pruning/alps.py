@@ -45,7 +45,10 @@ CG forms ``Y`` for its stopping test only once a bound no longer rules the test 
 warm start the first B-step is ``D₀`` itself (not computed); an inverse is made when a B-step first needs it (the
 ρ set by the last check never is), in place (one ``d_in × d_in`` buffer). ALPS-warm with its defaults: 10 products
 instead of 12, 2 inverses instead of 3, and the same result up to rounding (``benchmarks/wide_projection.py``;
-``results/wide_projection.json``).
+``results/wide_projection.json``). Working set at such an input: ADMM holds ``Wn, B, D, V`` between steps and at
+most ``5·d_out·d_in`` floats inside one (no start iterates kept for a restart: a cold restart recomputes them; the
+B-step's operand is written in ``D``'s memory), CG four vectors and a scratch updated in place, and the last reader
+of an input group drops its ridge inverses before CG — bit-identical to keeping them all.
 Kept quirk: a restart in the same check that meets the stop rule ends with ``B = Wn`` (dense), so the support
 is then ``P_k(Wn)`` refined by CG, exactly as in the reference.
 
@@ -173,39 +176,54 @@ class RidgeInverses:
         return self.store[rho]
 
 
-def b_step(Wn, D, V, rho: float, inv: torch.Tensor) -> torch.Tensor:
+def b_step(Wn, D, V, rho: float, inv: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
     """ADMM's B-step ``(Y − V + ρD)(Hn + ρI)⁻¹`` with ``Y = Wn Hn``, written ``Wn + (ρ(D − Wn) − V)(Hn + ρI)⁻¹``
-    (``Y(Hn + ρI)⁻¹ = Wn − ρWn(Hn + ρI)⁻¹``): one product, and ``Y`` is never formed."""
-    return torch.addmm(Wn, (D - Wn).mul_(rho).sub_(V), inv)
+    (``Y(Hn + ρI)⁻¹ = Wn − ρWn(Hn + ρI)⁻¹``): one product, and ``Y`` is never formed. ``overwrite``: ``D``'s memory
+    holds ``ρ(D − Wn) − V`` (D is garbage after; one ``d_out × d_in`` buffer less, the same bits)."""
+    T = D.sub_(Wn) if overwrite else D - Wn
+    return torch.addmm(Wn, T.mul_(rho).sub_(V), inv)
 
 
 def admm(Wn, Hn, k: int, nm, rho: float, max_iterations: int, inverse: RidgeInverses, start=None):
     """Steps 2–4 on the normalised problem; returns the last primal ``B`` and the schedule's final state.
 
-    ``start`` (a sparse ``Wn``-scaled matrix with ``k`` nonzeros) warm-starts at the fixed point of that support:
-    ``D₀ = start``, ``V₀ = Y − D₀ Hn`` (the dual at which ``B = D₀`` solves the first B-step), and ρ counts as
-    already growing (a still support stops the schedule instead of shrinking ρ; a restart returns to ``start``).
+    ``start`` (a sparse ``Wn``-scaled matrix with ``k`` nonzeros; handed over in a one-element list, so that no caller
+    holds it once the iterates move on) warm-starts at the fixed point of that support: ``D₀ = start``,
+    ``V₀ = Y − D₀ Hn`` (the dual at which ``B = D₀`` solves the first B-step), and ρ counts as already growing (a still
+    support stops the schedule instead of shrinking ρ, and so never restarts).
 
     The B-step is written without ``Y = Wn Hn``: ``Y(Hn + ρI)⁻¹ = Wn − ρWn(Hn + ρI)⁻¹``, so
     ``B = Wn + (ρ(D − Wn) − V)(Hn + ρI)⁻¹`` (one product per iteration; ``V₀ = (Wn − D₀)Hn``). From ``start`` the
-    first B-step is ``D₀`` itself and is not computed, and an inverse is made only when a B-step needs it."""
-    if start is None:
-        D0, last_support = _project(Wn, k, nm)
-        V0 = torch.zeros_like(Wn)
+    first B-step is ``D₀`` itself and is not computed, and an inverse is made only when a B-step needs it.
+
+    Working set (what a ``d_in``-wide projection holds besides ``Hn`` and one inverse): ``Wn``, ``B``, ``D``, ``V``
+    between steps — each iterate is dropped as soon as the next step no longer reads it, the B-step writes its
+    operand into ``D``'s memory, and nothing is kept for a restart (a cold restart recomputes ``P_k(Wn)``)."""
+
+    def cold():
+        D, support = _project(Wn, k, nm)
+        return Wn, D, torch.zeros_like(Wn), support
+
+    warm = start is not None
+    if isinstance(start, list):  # handed over: the list held the only reference
+        start = start.pop()
+    if warm:
+        B, D, V, last_support = start, start, (Wn - start) @ Hn, start != 0
     else:
-        D0, last_support = start, start != 0
-        V0 = (Wn - start) @ Hn
-    B0 = Wn if start is None else start
-    D, V, B = D0, V0, B0  # never modified in place: a restart can return to them without copies
-    growing, restarts, ratio, done = start is not None, 0, float("nan"), 0
-    solved = start is not None  # B = D₀ already solves the B-step from (D₀, V₀), whatever ρ
+        B, D, V, last_support = cold()
+    del start
+    growing, restarts, ratio, done = warm, 0, float("nan"), 0
+    solved = warm  # from a warm start, B = D₀ already solves the B-step from (D₀, V₀), whatever ρ
     for iteration in range(max_iterations):
         if not solved:
-            B = b_step(Wn, D, V, rho, inverse(rho))
+            B = None  # the B-step does not read the old primal: free it first
+            B = b_step(Wn, D, V, rho, inverse(rho), overwrite=True)
         solved = False
         Z = torch.add(B, V, alpha=1.0 / rho)
+        D = V = None  # read by nothing after Z
         D, support = _project(Z, k, nm)
         V = Z.sub_(D).mul_(rho)  # V + ρ(B − D) = ρ(Z − D)
+        del Z
         done = iteration + 1
         if done % UPDATE_EVERY:
             continue
@@ -213,10 +231,10 @@ def admm(Wn, Hn, k: int, nm, rho: float, max_iterations: int, inverse: RidgeInve
         ratio = delta / k
         step = rho_step(rho, delta, k, growing, iteration)
         rho, growing = step.rho, step.growing
-        if step.restart:
+        if step.restart:  # only before ρ ever grew, so only from a cold start
             restarts += 1
-            B, D, V = B0, D0, V0
-            solved = start is not None
+            B = D = V = None
+            B, D, V, _ = cold()
         if step.stop:
             break
         last_support = support
@@ -273,6 +291,13 @@ def alps_prune(
     """ALPS; ``start`` (pruned weights with exactly the target's zeros, e.g. SparseGPT's) warm-starts ADMM at that
     support instead of ``P_k(Wn)`` (see ``admm``). ``info``: the schedule's state and CG steps; with
     ``info["measure_error"]`` also the damped relative errors after ADMM and after CG."""
+    starts = [] if start is None else [start]
+    return _alps(weight, stats, sparsity, nm, info, rho, max_iterations, cg_iterations, dampening, starts)
+
+
+def _alps(weight, stats, sparsity, nm, info, rho, max_iterations, cg_iterations, dampening, starts: list):
+    """``alps_prune``'s body; ``starts`` holds the warm start (or nothing) and is emptied, so a start made for this
+    call (``alps_warm``'s SparseGPT weights) is held by nothing once it is scaled."""
     k = _kept(weight.shape, sparsity, nm)
     if k == weight.numel() or k == 0:
         return weight.clone() if k else torch.zeros_like(weight)
@@ -281,10 +306,11 @@ def alps_prune(
         return held
     Wn, Hn, x = normalized_weights(weight, stats, dampening)
     inverse = RidgeInverses(Hn, stats.cache, (dampening, str(weight.device)))
-    if start is not None:
-        start = start.float() * x
-    B, state = admm(Wn, Hn, k, nm, rho, max_iterations, inverse, start)
+    box = [starts.pop().float() * x] if starts else None  # ADMM frees the scaled start once its iterates move on
+    B, state = admm(Wn, Hn, k, nm, rho, max_iterations, inverse, box)
     B, support = _project(B, k, nm)
+    if getattr(stats, "final_read", False):  # CG needs no inverse, and no later projection reads them
+        inverse.store.clear()
     if info is not None:
         info.update(state, dampening=dampening)
     B = refit_on_support(Wn, None, Hn, B, support, cg_iterations, CG_RTOL, info, "error_admm", stop="unmasked")
@@ -325,8 +351,8 @@ def alps_warm_prune(
         held = already_pruned(weight, stats, sparsity, nm, info, dampening)
         if held is not None:
             return held
-    start = sparsegpt_prune(weight, stats, sparsity, nm, dampening, block_size, info, saliency)
-    return alps_prune(weight, stats, sparsity, nm, info, rho, max_iterations, cg_iterations, dampening, start)
+    starts = [sparsegpt_prune(weight, stats, sparsity, nm, dampening, block_size, info, saliency)]
+    return _alps(weight, stats, sparsity, nm, info, rho, max_iterations, cg_iterations, dampening, starts)
 
 
 register_method("alps", "unstructured", alps_prune, needs=("hessian",))

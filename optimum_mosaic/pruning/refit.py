@@ -77,7 +77,9 @@ def masked_cg(
     stop: str = "masked", W: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:  # fmt: skip
     """Solve ``b_S A_SS = y_S`` for every row (``A`` symmetric positive definite) by conjugate gradient with the
-    residual masked to the row's support ``S``; warm start ``B`` (zero off ``S``). Returns (B, steps taken).
+    residual masked to the row's support ``S``; warm start ``B`` (zero off ``S``), updated in place. Returns (B, steps
+    taken). Besides ``A``, ``B`` and ``W`` it holds four ``d_out × d_in`` buffers (residual, its masked copy, direction,
+    direction·A) and one scratch, all updated in place.
 
     ``stop="masked"``: stop once every row's masked residual ``‖(y − bA)_S‖ ≤ rtol·‖y_S‖`` (true convergence;
     ``rtol=0`` runs all steps). ``stop="unmasked"`` is ALPS's reference test: the *unmasked* residual ``Y − B A`` of
@@ -100,18 +102,20 @@ def masked_cg(
     P = R.clone()
     rr = (R * R).sum(1)
     steps = 0
+    AP = S = None  # P·A and a scratch buffer, allocated once: every update below writes in place
     for _ in range(iterations):
         if stop == "masked" and bool((rr <= tol2).all()):
             break
-        AP = P @ A
+        AP = torch.matmul(P, A, out=AP) if AP is not None else P @ A
         den = (P * AP).sum(1)
         alpha = torch.where(den > 0, rr / den.where(den > 0, torch.ones_like(den)), torch.zeros_like(den))
-        B = B + alpha.unsqueeze(1) * P
-        full = full - alpha.unsqueeze(1) * AP
-        R = full * support
+        S = torch.mul(P, alpha.unsqueeze(1), out=S) if S is not None else P * alpha.unsqueeze(1)
+        B.add_(S)
+        full.sub_(torch.mul(AP, alpha.unsqueeze(1), out=S))
+        torch.mul(full, support, out=R)
         rr_new = (R * R).sum(1)
         beta = torch.where(rr > 0, rr_new / rr.where(rr > 0, torch.ones_like(rr)), torch.zeros_like(rr))
-        P = R + beta.unsqueeze(1) * P
+        P.mul_(beta.unsqueeze(1)).add_(R)
         rr = rr_new
         steps += 1
         if stop == "unmasked":

@@ -289,3 +289,87 @@ def test_the_last_reader_builds_hn_in_the_memory_of_h(kernel):
     assert stats.hessian is None
     norm = next(v for k, v in stats.cache.items() if k[0] == "normalized_hessian")
     assert norm.Hn.untyped_storage().data_ptr() == storage
+
+
+# -- working set at wide inputs ----------------------------------------------------------------------
+def test_a_forced_restart_returns_to_the_cold_start(monkeypatch):
+    """A restart puts ADMM back at ``(B, D, V) = (Wn, P_k(Wn), 0)`` with the new ρ (recomputed, not kept): after a
+    restart at the first check, the remaining iterations equal a fresh cold run at that ρ, bit for bit."""
+    W, stats = problem(11)
+    Wn, Hn, _ = alps.normalized_weights(W, stats, 0.01)
+    calls = []
+
+    def schedule(rho, delta, k, growing, iteration, *args):
+        calls.append(iteration)
+        return alps.RhoStep(0.7, False, restart=len(calls) == 1 and restarting)
+
+    monkeypatch.setattr(alps, "rho_step", schedule)
+    restarting = True
+    B, state = alps.admm(Wn, Hn, 256, None, 0.2, 3 + 5, alps.RidgeInverses(Hn, {}, ("a",)))
+    assert state["restarts"] == 1 and calls[0] == 2
+    restarting = False
+    fresh, _ = alps.admm(Wn, Hn, 256, None, 0.7, 5, alps.RidgeInverses(Hn, {}, ("b",)))
+    assert torch.equal(B, fresh)
+
+
+def test_the_warm_start_is_freed_before_the_first_b_step(monkeypatch):
+    """Neither SparseGPT's weights nor their scaled copy outlive ADMM's first iteration: at a 14336-wide input each
+    is a 0.22 GiB buffer that nothing reads after it."""
+    import weakref
+
+    W, stats = problem(12)
+    refs, seen = [], []
+    original_sparsegpt, original_admm, original_b_step = alps.sparsegpt_prune, alps.admm, alps.b_step
+
+    def sparsegpt(*args, **kwargs):
+        out = original_sparsegpt(*args, **kwargs)
+        refs.append(weakref.ref(out))
+        return out
+
+    def admm(Wn, Hn, k, nm, rho, iterations, inverse, box):
+        refs.append(weakref.ref(box[0]))
+        return original_admm(Wn, Hn, k, nm, rho, iterations, inverse, box)
+
+    def b_step(*args, **kwargs):
+        seen.append([r() is None for r in refs])
+        return original_b_step(*args, **kwargs)
+
+    monkeypatch.setattr(alps, "sparsegpt_prune", sparsegpt)
+    monkeypatch.setattr(alps, "admm", admm)
+    monkeypatch.setattr(alps, "b_step", b_step)
+    info = {}
+    out = alps.alps_warm_prune(W, stats, 0.6, info=info)
+    monkeypatch.undo()
+    assert len(refs) == 2 and seen and all(all(s) for s in seen)
+    assert torch.equal(out, alps.alps_warm_prune(W, problem(12)[1], 0.6))
+
+
+def test_cg_updates_its_start_in_place():
+    from optimum_mosaic.pruning.refit import masked_cg
+
+    W, stats = problem(13)
+    Wn, Hn, _ = alps.normalized_weights(W, stats, 0.01)
+    support = keep_top_k(Wn.abs(), Wn.numel() // 2)
+    B0 = Wn * support
+    expected, _ = masked_cg(Hn, Wn @ Hn, B0.clone(), support, 4, 0.0)
+    got, steps = masked_cg(Hn, None, B0, support, 4, 0.0, W=Wn)
+    assert got is B0 and steps == 4
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("final_read", [True, False])
+def test_the_last_reader_drops_its_ridge_inverses_before_cg(monkeypatch, final_read):
+    """CG needs no ridge inverse; the last projection reading an input group frees them before CG (0.77 GiB each at
+    a 14336-wide input), an earlier one leaves them cached for the projections after it."""
+    W, stats = problem(14)
+    stats.final_read = final_read
+    held, original = [], alps.refit_on_support
+
+    def refit_on_support(*args, **kwargs):
+        held.append(sum(len(v) for k, v in stats.cache.items() if k[0] == "ridge_inverses"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(alps, "refit_on_support", refit_on_support)
+    info = {}
+    alps.alps_warm_prune(W, stats, 0.6, info=info)
+    assert info["inverses"] == 2 and held == [0 if final_read else 2]
