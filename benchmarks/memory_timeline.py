@@ -34,9 +34,13 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * PAGE
 
 
-def peak_bytes() -> int:
+def status_bytes(field: str) -> int:
     text = Path("/proc/self/status").read_text()
-    return int(re.search(r"VmHWM:\s+(\d+) kB", text).group(1)) * 1024
+    return int(re.search(rf"{field}:\s+(\d+) kB", text).group(1)) * 1024
+
+
+def peak_bytes() -> int:
+    return status_bytes("VmHWM")
 
 
 def where(frame, depth: int = 3) -> str:
@@ -54,7 +58,7 @@ class Sampler(threading.Thread):
     def __init__(self, interval: float = 0.01):
         super().__init__(daemon=True)
         self.interval, self.main, self.stop = interval, threading.main_thread().ident, threading.Event()
-        self.highest: dict[str, tuple[int, float]] = {}
+        self.highest: dict[str, tuple[int, float, int]] = {}
         self.start_time = time.perf_counter()
 
     def run(self) -> None:
@@ -62,8 +66,9 @@ class Sampler(threading.Thread):
             rss = rss_bytes()
             frame = sys._current_frames().get(self.main)
             place = where(frame) if frame is not None else "?"
-            if rss > self.highest.get(place, (0, 0.0))[0]:
-                self.highest[place] = (rss, round(time.perf_counter() - self.start_time, 2))
+            if rss > self.highest.get(place, (0, 0.0, 0))[0]:
+                file_backed = status_bytes("RssFile")  # mapped files (a checkpoint's pages), the rest is anonymous
+                self.highest[place] = (rss, round(time.perf_counter() - self.start_time, 2), file_backed)
             time.sleep(self.interval)
 
 
@@ -97,10 +102,13 @@ def main() -> None:
         "shape": args.shape, "method": args.method, "tokens": args.nsamples * args.seqlen, "threads": args.threads,
         "prune_s": result.get("prune_s"), "peak_gib": round(peak_bytes() / GIB, 3),
         "rss_before_load_gib": round(baseline / GIB, 3),
-        "highest": [{"where": p, "rss_gib": round(b / GIB, 3), "at_s": t} for p, (b, t) in places],
+        "highest": [
+            {"where": p, "rss_gib": round(b / GIB, 3), "file_gib": round(f / GIB, 3), "at_s": t}
+            for p, (b, t, f) in places
+        ],
     }  # fmt: skip
     for row in payload["highest"]:
-        print(f"{row['rss_gib']:7.3f} GiB  t={row['at_s']:8.2f}s  {row['where']}")
+        print(f"{row['rss_gib']:7.3f} GiB (files {row['file_gib']:.3f})  t={row['at_s']:8.2f}s  {row['where']}")
     print("peak (VmHWM)", payload["peak_gib"], "GiB; before load", payload["rss_before_load_gib"], "GiB")
     name = re.sub(r"[^a-z0-9]+", "_", args.method.lower()).strip("_")
     out = Path(__file__).parent / "results" / f"memory_{args.shape}_{name}.json"

@@ -102,18 +102,17 @@ def masked_cg(
     P = R.clone()
     rr = (R * R).sum(1)
     steps = 0
-    AP = S = None  # P·A and a scratch buffer, allocated once: every update below writes in place
+    AP, S = None, torch.empty_like(R)  # P·A and a scratch buffer, allocated once: every update below is in place
     for _ in range(iterations):
         if stop == "masked" and bool((rr <= tol2).all()):
             break
         AP = torch.matmul(P, A, out=AP) if AP is not None else P @ A
-        den = (P * AP).sum(1)
+        den = torch.mul(P, AP, out=S).sum(1)
         alpha = torch.where(den > 0, rr / den.where(den > 0, torch.ones_like(den)), torch.zeros_like(den))
-        S = torch.mul(P, alpha.unsqueeze(1), out=S) if S is not None else P * alpha.unsqueeze(1)
-        B.add_(S)
+        B.add_(torch.mul(P, alpha.unsqueeze(1), out=S))
         full.sub_(torch.mul(AP, alpha.unsqueeze(1), out=S))
         torch.mul(full, support, out=R)
-        rr_new = (R * R).sum(1)
+        rr_new = torch.mul(R, R, out=S).sum(1)
         beta = torch.where(rr > 0, rr_new / rr.where(rr > 0, torch.ones_like(rr)), torch.zeros_like(rr))
         P.mul_(beta.unsqueeze(1)).add_(R)
         rr = rr_new

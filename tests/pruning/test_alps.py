@@ -373,3 +373,20 @@ def test_the_last_reader_drops_its_ridge_inverses_before_cg(monkeypatch, final_r
     info = {}
     alps.alps_warm_prune(W, stats, 0.6, info=info)
     assert info["inverses"] == 2 and held == [0 if final_read else 2]
+
+
+def test_a_ridge_inverse_is_made_in_one_buffer_with_the_bits_of_the_plain_calls():
+    """Into a row-major ``out=`` torch factorises a column-major copy and copies it back (a d × d temporary per call,
+    0.77 GiB at 14336); the column-major buffer avoids it. The result is the plain calls' matrix, bit for bit, and
+    row-major, as the B-step's product expects."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _, stats = problem(15)
+    Hn = normalized_hessian(stats, 0.01, "cpu").Hn
+    d = Hn.shape[0]
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        inverse = alps.RidgeInverses(Hn, {}, ("k",))(0.3)
+    sizes = sorted((e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage >= d * d * 4), reverse=True)
+    assert sizes == [d * d * 4]  # the one buffer that becomes the inverse
+    plain = torch.cholesky_inverse(torch.linalg.cholesky(Hn + 0.3 * torch.eye(d)))
+    assert torch.equal(inverse, plain) and inverse.is_contiguous()
