@@ -192,7 +192,7 @@ def count_zeros(targets: Targets, dense_numel: dict | None = None) -> dict[tuple
     counts = {}
     for layer, projs in targets.items():
         for proj, lin in projs.items():
-            zeros, numel = int((lin.weight == 0).sum().item()), lin.weight.numel()
+            zeros, numel = int((lin.weight == 0).count_nonzero()), lin.weight.numel()  # .sum() would copy to int64
             if dense_numel is not None:
                 zeros, numel = zeros + dense_numel[(layer, proj)] - numel, dense_numel[(layer, proj)]
             counts[(layer, proj)] = (zeros, numel)

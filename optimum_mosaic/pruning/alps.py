@@ -122,7 +122,7 @@ def keep_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros_like(scores, dtype=torch.bool)
     threshold = kth_smallest(flat, pruned)
     keep = flat > threshold
-    need = k - int(keep.sum())
+    need = k - int(torch.count_nonzero(keep))  # not .sum(): that converts the whole mask to int64 first
     if need > 0:  # ties at the threshold
         keep[(flat == threshold).nonzero().squeeze(1)[-need:]] = True
     return keep.view_as(scores)
@@ -231,7 +231,7 @@ def admm(Wn, Hn, k: int, nm, rho: float, max_iterations: int, inverse: RidgeInve
         done = iteration + 1
         if done % UPDATE_EVERY:
             continue
-        delta = int((support != last_support).sum())
+        delta = int(torch.count_nonzero(support != last_support))
         ratio = delta / k
         step = rho_step(rho, delta, k, growing, iteration)
         rho, growing = step.rho, step.growing
@@ -266,9 +266,9 @@ def already_pruned(weight: torch.Tensor, stats, sparsity: float, nm, info: dict 
     if nm:
         n, m = nm
         _kept(weight.shape, sparsity, nm)  # the N:M shape check
-        enough = bool((zero.reshape(weight.shape[0], -1, m).sum(-1) >= n).all())
+        enough = bool((torch.count_nonzero(zero.reshape(weight.shape[0], -1, m), dim=-1) >= n).all())
     else:
-        enough = int(zero.sum()) >= weight.numel() - _kept(weight.shape, sparsity, nm)
+        enough = int(torch.count_nonzero(zero)) >= weight.numel() - _kept(weight.shape, sparsity, nm)
     if not enough:
         return None
     if info is not None:

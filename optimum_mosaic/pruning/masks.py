@@ -7,6 +7,7 @@ import math
 import torch
 
 SAMPLE = 8192  # entries sampled to bracket a k-th value
+CHUNK = 1 << 20  # entries compared at a time while the bracket is counted and gathered
 
 
 def kth_smallest(flat: torch.Tensor, j: int) -> torch.Tensor:
@@ -22,9 +23,11 @@ def kth_smallest(flat: torch.Tensor, j: int) -> torch.Tensor:
     q = j / n
     centre, margin = q * SAMPLE, 4 * math.sqrt(q * (1 - q) * SAMPLE) + 2
     lo, hi = sample[max(int(centre - margin), 0)], sample[min(int(centre + margin), SAMPLE - 1)]
-    below = flat < lo
-    rank = j - int(below.sum())
-    band = flat[(flat <= hi) & ~below]
+    below, parts = 0, []
+    for chunk in flat.split(CHUNK):  # in chunks: the comparison masks of a whole 14336-wide matrix cost 2 copies of it
+        below += int(torch.count_nonzero(chunk < lo))
+        parts.append(chunk[(chunk >= lo) & (chunk <= hi)])
+    rank, band = j - below, torch.cat(parts)
     if 1 <= rank <= band.numel():
         return band.kthvalue(rank).values
     return flat.kthvalue(j).values
@@ -41,7 +44,7 @@ def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.ones_like(scores, dtype=torch.bool)
     t = kth_smallest(flat, k)
     mask = flat < t
-    ties = torch.nonzero(flat == t).flatten()[: k - int(mask.sum())]
+    ties = torch.nonzero(flat == t).flatten()[: k - int(torch.count_nonzero(mask))]
     mask[ties] = True
     return mask.view_as(scores)
 

@@ -16,6 +16,26 @@ def test_kth_smallest_equals_kthvalue(n, q):
         assert kth_smallest(flat, j) == flat.kthvalue(j).values
 
 
+@pytest.mark.parametrize("q", [0.0, 0.5, 0.7, 1.0])
+def test_kth_smallest_over_several_chunks_equals_kthvalue(monkeypatch, q):
+    """The bracket is counted and gathered chunk by chunk (comparison masks of one chunk at a time)."""
+    monkeypatch.setattr(masks, "CHUNK", 30_000)
+    n = 331_776
+    g = torch.Generator().manual_seed(1)
+    for flat in (torch.randn(n, generator=g).abs(), torch.randint(0, 7, (n,), generator=g).float()):
+        j = min(max(int(q * n), 1), n)
+        assert kth_smallest(flat, j) == flat.kthvalue(j).values
+
+
+def test_kth_smallest_compares_one_chunk_at_a_time():
+    from torch.profiler import ProfilerActivity, profile
+
+    flat = torch.randn(4 * masks.CHUNK, generator=torch.Generator().manual_seed(2))
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        kth_smallest(flat, flat.numel() // 2)
+    assert max(e.cpu_memory_usage for e in prof.events()) < flat.numel()  # < one byte per entry: no whole-size mask
+
+
 def test_kth_smallest_falls_back_when_the_bracket_misses(monkeypatch):
     # a sample that sees only the first half of a sorted ramp brackets the wrong region
     flat = torch.arange(100_000, dtype=torch.float32)
