@@ -46,9 +46,10 @@ warm start the first B-step is ``D₀`` itself (not computed); an inverse is mad
 ρ set by the last check never is), in place (one ``d_in × d_in`` buffer). ALPS-warm with its defaults: 10 products
 instead of 12, 2 inverses instead of 3, and the same result up to rounding (``benchmarks/wide_projection.py``;
 ``results/wide_projection.json``). Working set at such an input: ADMM holds ``Wn, B, D, V`` between steps and at
-most ``5·d_out·d_in`` floats inside one (no start iterates kept for a restart: a cold restart recomputes them; the
-B-step's operand is written in ``D``'s memory), CG four vectors and a scratch updated in place, and the last reader
-of an input group drops its ridge inverses before CG — bit-identical to keeping them all.
+most four ``d_out × d_in`` matrices inside one (``Wn, B, Z, |Z|`` while it projects: no start iterates kept for a
+restart — a cold restart recomputes them — and the B-step's operand written in ``D``'s memory), CG four vectors and a
+scratch updated in place, and the last reader of an input group drops its ridge inverses before CG; the bits are
+those of keeping them all.
 Kept quirk: a restart in the same check that meets the stop rule ends with ``B = Wn`` (dense), so the support
 is then ``P_k(Wn)`` refined by CG, exactly as in the reference.
 
