@@ -72,7 +72,7 @@ class Sampler(threading.Thread):
             time.sleep(self.interval)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="llama3-8b", choices=sorted(scale.SHAPES))
     parser.add_argument("--method", default="default", choices=[m for m, v in scale.METHODS.items() if v is not None])
@@ -81,7 +81,8 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--top", type=int, default=25)
-    args = parser.parse_args()
+    parser.add_argument("--out", default=None, help="default: results/memory_<shape>_<method>.json")
+    args = parser.parse_args(argv)
     from compare_worker import run
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -111,8 +112,9 @@ def main() -> None:
         print(f"{row['rss_gib']:7.3f} GiB (files {row['file_gib']:.3f})  t={row['at_s']:8.2f}s  {row['where']}")
     print("peak (VmHWM)", payload["peak_gib"], "GiB; before load", payload["rss_before_load_gib"], "GiB")
     name = re.sub(r"[^a-z0-9]+", "_", args.method.lower()).strip("_")
-    out = Path(__file__).parent / "results" / f"memory_{args.shape}_{name}.json"
+    out = Path(args.out or Path(__file__).parent / "results" / f"memory_{args.shape}_{name}.json")
     out.write_text(json.dumps(payload, indent=1, ensure_ascii=False) + "\n")
+    return payload
 
 
 if __name__ == "__main__":

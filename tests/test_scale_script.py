@@ -100,3 +100,19 @@ def test_wide_projection_final_read_builds_hn_in_h_and_changes_nothing(tmp_path)
     base, new = got["rows"].values()
     assert got["problem"]["final_read"] and base["zeros"] == new["zeros"] == 96 * 384 // 2
     assert got["support_flips"] == 0.0 and got["layer_error_ratio"] == 1.0
+
+
+def test_memory_timeline_charges_the_peak_to_package_code(monkeypatch, tmp_path):
+    """benchmarks/memory_timeline.py on the tiny shape: the highest samples are charged to the package's code (the
+    walk's kernels or the statistics), none above the process's VmHWM, and the file is written where asked."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import memory_timeline
+
+    out = tmp_path / "memory.json"
+    argv = ["--shape", "tiny", "--method", "uniform SparseGPT", "--nsamples", "2", "--seqlen", "64", "--threads", "1"]
+    payload = memory_timeline.main([*argv, "--out", str(out)])
+    assert json.loads(out.read_text()) == payload and payload["prune_s"] > 0
+    highest = payload["highest"]
+    assert highest and all(row["rss_gib"] <= payload["peak_gib"] + 1e-3 for row in highest)
+    assert [row["rss_gib"] for row in highest] == sorted((row["rss_gib"] for row in highest), reverse=True)
+    assert any(row["where"].split(" < ")[-1].startswith(("layer_walk.", "layerwise.", "pruner.")) for row in highest)
