@@ -62,6 +62,15 @@ def token_windows(n: int = 8, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (n, seqlen), generator=torch.Generator().manual_seed(seed))
 
 
+def allocations(fn) -> list[int]:
+    """Bytes of every CPU allocation ``fn()`` makes (torch's memory profiler), largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return sorted((e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0), reverse=True)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny matmuls run as fast on one thread and avoid OpenMP threads contending on a shared, busy machine."""

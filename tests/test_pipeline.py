@@ -209,16 +209,14 @@ def test_statistics_add_the_fp32_product_without_a_second_fp64_matrix():
     """``fp64 += fp32`` converts the whole fp32 operand to fp64 first on CPU: a second d × d fp64 matrix (1.53 GiB at a
     14336-wide input) beside the accumulator. ``update`` adds in row blocks: no allocation larger than the fp32
     product, and the sums are the bits of the one-piece addition."""
-    from torch.profiler import ProfilerActivity, profile
+    from conftest import allocations
 
     from optimum_mosaic.calibration import statistics
 
     d = 3000
     x = torch.randn(2, 200, d, generator=torch.Generator().manual_seed(0))
     stats = statistics.InputStatistics.empty(d, True, dtype=torch.float64)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        stats.update(x)
-    largest = max(e.cpu_memory_usage for e in prof.events())
+    largest = allocations(lambda: stats.update(x))[0]
     assert d * d * 4 <= largest < d * d * 8  # the fp32 product, nothing of fp64 d × d
     reference = torch.zeros(d, d, dtype=torch.float64)
     for w in x:
