@@ -35,7 +35,8 @@ def check_prune_args(args, config) -> None:
         )
     if args.offload and args.compressed:
         raise ValueError("--offload writes dense layer shards; drop --compressed (re-save the result compressed later)")
-    check_positive_int("--batch-size", args.batch_size)
+    if args.batch_size is not None:
+        check_positive_int("--batch-size", args.batch_size)
     if args.eval_windows < 0:
         raise ValueError(f"--eval-windows: must be >= 0, got {args.eval_windows}")
     if args.eval_text and not args.eval_windows:

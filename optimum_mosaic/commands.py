@@ -36,7 +36,6 @@ _TOGETHER = """options that go together:
   --tokenizer                 for a --model that holds none (saved by model.save_pretrained alone)
   --block-size, --saliency    used by the SparseGPT pruners (sparsegpt, sparsegpt_refit, alps_warm)
   --hessian-samples           only used by --allocation sensitivity_hutchinson
-  --batch-size                only used with --sequential layer (projection runs all windows as one batch)
   --overwrite                 with --output: replace a non-empty directory that is not an optimum-mosaic checkpoint
   --offload                   needs --output; excludes --eval-windows, sensitivity_hutchinson
   --eval-text                 with --eval-windows > 0
@@ -107,7 +106,10 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output that is no checkpoint")
     parser.add_argument("--device", default=None, help="execution device of the layer walk: cpu, cuda, cuda:N, mps")
     parser.add_argument(
-        "--batch-size", type=int, default=8, help="calibration windows per forward (--sequential layer)"
+        "--batch-size",
+        type=int,
+        default=None,
+        help="calibration windows per layer forward (memory only: same results); default: one MLP activation ≤ 1 GiB",
     )
     parser.add_argument("--offload", action="store_true", help="decoder layers stay on disk, one resident at a time")
     parser.add_argument(

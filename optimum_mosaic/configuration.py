@@ -134,10 +134,10 @@ class PrunedConfig:
     sequential: str = field(
         default="projection",
         metadata={
-            "help": "projection: each layer runs once over all calibration windows as one batch and every projection "
-            "is pruned just before it runs, seeing the outputs of the pruned projections before it (one forward per "
-            "layer; activation memory ≈ all windows × the widest projection). layer: statistics from the dense layer, "
-            "then a second forward of the pruned layer (two forwards per layer; any batch size)."
+            "help": "projection: every projection is pruned just before it runs, seeing the outputs of the pruned "
+            "projections before it (one forward per layer when all windows fit one batch; in several batches, one "
+            "forward per input group that stops at that input, plus one for the outputs). layer: statistics from the "
+            "dense layer, then a second forward of the pruned layer (two forwards per layer)."
         },
     )
     search_samples: int = field(

@@ -218,7 +218,7 @@ class LayerStore:
         (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def prune_offloaded(pruner, config, calibration_dataset, save_directory, batch_size: int, overwrite: bool = False):
+def prune_offloaded(pruner, config, calibration_dataset, save_directory, batch_size, overwrite: bool = False):
     """``Pruner.prune`` with one layer resident: the result is written straight into ``save_directory``
     (atomically: a staging directory renamed at the end). Returns the model skeleton (layers on ``meta``)."""
     from .calibration.distributed import world

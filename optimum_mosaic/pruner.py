@@ -12,13 +12,10 @@ from transformers.utils import logging
 from .allocation.outliers import OutlierProfile
 from .allocation.search import search_allocation, search_grid, search_thresholds
 from .allocation.sensitivity import hutchinson_traces
-from .architectures import check_structured, get_arch_spec
+from .architectures import check_structured, decoder_layers, get_arch_spec
 from .calibration.data import CORPUS_NAMES, sample_windows
 from .calibration.distributed import barrier, shard_windows, world
-from .calibration.layerwise import (
-    Activations,
-    capture,
-)
+from .calibration.layerwise import Activations, capture, windows_per_forward
 from .configuration import AUTO, PrunedConfig
 from .evaluation import mean_nll
 from .layer_walk import LayerWalk
@@ -30,6 +27,7 @@ from .structured import model_shapes, plan_cuts
 from .structured.composite import remainder_plan, remove_empty_units
 
 logger = logging.get_logger(__name__)
+HELD_OUT_BATCH = 8  # windows per forward when the λ/M search scores its held-out windows and no batch_size is given
 
 
 class Pruner:
@@ -90,7 +88,7 @@ class Pruner:
         config: PrunedConfig | None = None,
         calibration_dataset=None,
         save_directory=None,
-        batch_size: int = 8,
+        batch_size: int | None = None,
         *,
         overwrite: bool = False,
         restore_on_error: bool = True,
@@ -102,7 +100,9 @@ class Pruner:
         positions, calibration data, ``save_directory``). ``overwrite``: replace a non-empty ``save_directory``
         that is not an optimum-mosaic checkpoint. If the prune fails, the model is restored as it was
         (``restore_on_error=False`` skips the host-memory copy this takes, and leaves a failed model modified).
-        ``compressed``: save the projections in the bitmap format (see ``save_pruned``).
+        ``compressed``: save the projections in the bitmap format (see ``save_pruned``). ``batch_size``: calibration
+        windows per layer forward (activation memory; the results do not depend on it); default: as many as keep one
+        activation of the widest projection within 1 GiB (``windows_per_forward``).
         """
         from .rollback import restore_on_error as rollback
         from .validation import check_prune_inputs
@@ -193,9 +193,9 @@ class Pruner:
         }
         self._windows = windows
         windows = shard_windows(windows)  # this process's share when launched on several
-        one_batch = config.sequential == "projection"  # forward_pruning runs each layer once over everything
-        batch = windows.shape[0] if one_batch else batch_size
-        return capture(self.model, self.spec, windows, self.device, batch), heldout
+        if batch_size is None:
+            batch_size = windows_per_forward(decoder_layers(self.model, self.spec)[0], *windows.shape)
+        return capture(self.model, self.spec, windows, self.device, batch_size), heldout
 
     def _measure(self, walk, config, allocator, targets, acts, dense_numel) -> tuple[OutlierProfile, dict]:
         """The dense model's profile: loss-Hessian traces (when the allocator asks), outlier ratios per projection
@@ -243,7 +243,7 @@ class Pruner:
 
         def score(plan, label: str = "") -> float:
             walk.prune(acts.clone(), targets, plan, kernel, config, label=label)
-            loss = mean_nll(self.model, heldout, batch_size)
+            loss = mean_nll(self.model, heldout, batch_size or HELD_OUT_BATCH)
             if loss < best["loss"] and keep:
                 best.update(loss=loss, result={k: lin.weight.detach().clone() for k, lin in _flat(targets).items()})
             self._restore(targets, dense)
@@ -261,7 +261,7 @@ class Pruner:
             with self.store.candidate(name):
                 walk.prune(acts.clone(), targets, plan, kernel, config, label=label)
                 with self.store.streamed(self.device) as model:
-                    loss = mean_nll(model, heldout, batch_size)
+                    loss = mean_nll(model, heldout, batch_size or HELD_OUT_BATCH)
             if loss < best["loss"] and keep:
                 if "result" in best:
                     self.store.discard(best["result"])

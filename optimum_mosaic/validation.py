@@ -243,7 +243,8 @@ def check_prune_inputs(pruner, config, data, save_directory, batch_size, overwri
     if not isinstance(config, PrunedConfig):
         raise InputError(f"config: expected a PrunedConfig, got {type(config).__name__}")
     config.validate()  # fields may have been changed after construction
-    check_positive_int("batch_size", batch_size)
+    if batch_size is not None:
+        check_positive_int("batch_size", batch_size)
     pruner._targets(config)  # architecture limits (structured units, targets/ignore leaving nothing) come first
     calibrates = _needs_calibration(config)
     if calibrates:

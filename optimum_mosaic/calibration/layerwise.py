@@ -6,9 +6,10 @@
    for any layer.
 2. ``forward``: run one layer over all cached inputs (optionally with hooks that accumulate
    ``InputStatistics``), moving only that layer to the execution device.
-3. ``forward_pruning``: run one layer once over all cached inputs as a single batch and, just before each
-   hooked linear runs, hand its whole input to a callback that prunes it — one forward per layer, and
-   every projection sees the outputs of the already-pruned projections before it.
+3. ``forward_pruning``: run one layer over all cached inputs and, just before each hooked linear runs, hand
+   its whole input to a callback that prunes it — every projection sees the outputs of the already-pruned
+   projections before it. With every window in one batch that is one forward per layer; in several batches
+   each input group costs a forward that stops where that input is reached (activation memory: one batch).
 
 Statistics are all-reduced across processes (``distributed.py``) before anything uses them.
 """
@@ -117,6 +118,17 @@ def capture(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, device, bat
     return Activations(torch.cat(hidden), layer_kwargs, batch_size)
 
 
+FORWARD_BYTES = 1 << 30  # windows per forward when none is asked for: one fp32 output of the widest linear ≤ 1 GiB
+
+
+def windows_per_forward(layer: nn.Module, windows: int, seqlen: int) -> int:
+    """How many windows one forward of ``layer`` takes when the caller does not say: as many as keep one fp32 output
+    of its widest linear within ``FORWARD_BYTES`` (all 32 × 512 windows at 135M–270M; 9 × 2048 tokens at Llama-3-8B's
+    14336-wide MLP, where all 128 windows would need 15 GiB per MLP activation). Results do not depend on it."""
+    width = max(m.out_features for m in layer.modules() if isinstance(m, nn.Linear))
+    return max(1, min(windows, FORWARD_BYTES // (4 * seqlen * width)))
+
+
 def _largest_divisor(n: int, at_most: int) -> int:
     return max(d for d in range(1, at_most + 1) if n % d == 0)
 
@@ -145,9 +157,9 @@ def collect_statistics(
     layer: nn.Module, acts: Activations, index: int, inputs: dict[str, nn.Linear], hessian: bool | Collection[str]
 ) -> tuple[dict[str, InputStatistics], torch.Tensor]:
     """One hooked forward of ``layer``: statistics of each given linear's input, and the layer outputs."""
-    stats = _accumulators(inputs, hessian)
+    stats, seqlen = _accumulators(inputs, hessian), acts.hidden.shape[1]
     handles = [
-        lin.register_forward_hook(lambda mod, args, out, s=stats[name]: s.update(args[0]))
+        lin.register_forward_hook(lambda mod, args, out, s=stats[name]: s.update(args[0], seqlen))
         for name, lin in inputs.items()
     ]
     try:
@@ -168,15 +180,26 @@ def forward_pruning(
     hessian: bool,
     prune: Callable[[str, InputStatistics], None],
 ) -> torch.Tensor:
-    """Outputs of ``layer`` over every cached input in one batch, calling ``prune(name, stats)`` with the
-    statistics of each given linear's whole input just before that linear runs (so it runs pruned)."""
-    if acts.batch_size < acts.hidden.shape[0]:
-        raise ValueError("forward_pruning needs every calibration window in one batch (capture with batch_size=n)")
+    """Outputs of ``layer`` over every cached input, calling ``prune(name, stats)`` with the statistics of each
+    given linear's whole input just before that linear runs (so it runs pruned). All windows in one batch: one
+    forward, pruning from pre-hooks. In batches: per input, in the order the layer reaches them, a forward of
+    each batch that stops at that input (``_reach``), then one forward for the outputs — the same statistics
+    (they are summed window by window) with the activations of one batch."""
+    if acts.batch_size >= acts.hidden.shape[0]:
+        return _forward_pruning_at_once(layer, acts, index, inputs, hessian, prune)
+    pending = dict(inputs)
+    while pending:
+        name, stats = _reach(layer, acts, index, pending, hessian)
+        prune(name, all_reduce_statistics(stats).finalize())
+        del pending[name]
+    return forward_layer(layer, acts, index)
 
+
+def _forward_pruning_at_once(layer, acts, index, inputs, hessian, prune) -> torch.Tensor:
     def before(name: str):
         def hook(mod, args):
             stats = _accumulators({name: mod}, hessian)[name]
-            stats.update(args[0])
+            stats.update(args[0], acts.hidden.shape[1])
             prune(name, all_reduce_statistics(stats).finalize())
 
         return hook
@@ -188,3 +211,37 @@ def forward_pruning(
         for h in handles:
             h.remove()
     return y[0] if isinstance(y, tuple) else y
+
+
+class _Reached(Exception):
+    """Ends a partial forward: the input it was run for has been seen."""
+
+
+def _reach(layer, acts, index, pending: dict[str, nn.Linear], hessian: bool) -> tuple[str, InputStatistics]:
+    """The first of ``pending``'s linears that ``layer`` runs, with the statistics of its input over every batch
+    (each batch's forward is stopped there)."""
+    seen: dict = {}
+
+    def before(name: str):
+        def hook(mod, args):
+            if "name" not in seen:
+                seen.update(name=name, stats=_accumulators({name: mod}, hessian)[name])
+            elif seen["name"] != name:
+                raise RuntimeError(f"layer {index} ran {name} before {seen['name']} in a later batch")
+            seen["stats"].update(args[0], acts.hidden.shape[1])
+            raise _Reached
+
+        return hook
+
+    handles = [lin.register_forward_pre_hook(before(name)) for name, lin in pending.items()]
+    try:
+        for b in acts.batches():
+            try:
+                layer(acts.hidden[b], **acts.layer_kwargs[index])
+            except _Reached:
+                continue
+            raise RuntimeError(f"layer {index} ran none of {sorted(pending)}")
+    finally:
+        for h in handles:
+            h.remove()
+    return seen["name"], seen["stats"]

@@ -37,10 +37,16 @@ class InputStatistics:
         return cls(torch.zeros(features, dtype=dtype, device=device), h, 0, total)
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor) -> None:
-        """Add the inputs ``x`` ([..., seqlen, d] or [tokens, d]); one window (last-but-one axis) at a time."""
+    def update(self, x: torch.Tensor, seqlen: int | None = None) -> None:
+        """Add the inputs ``x`` ([..., seqlen, d] or [tokens, d]) one window at a time: the last-but-one axis, or
+        ``seqlen`` rows of a flattened input (OPT flattens its MLP's; without it, one window of all rows)."""
         self.cache.clear()
-        windows = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() > 2 else x.unsqueeze(0)
+        if x.dim() > 2:
+            windows = x.reshape(-1, x.shape[-2], x.shape[-1])
+        elif seqlen and x.shape[0] % seqlen == 0:
+            windows = x.reshape(-1, seqlen, x.shape[-1])
+        else:
+            windows = x.unsqueeze(0)
         for w in windows:
             w = w.float()
             self.sumsq += w.square().sum(0)

@@ -1,0 +1,71 @@
+"""The pruning walk in several batches (``batch_size``): the weights of the one-batch walk, bit for bit, for every
+family, with activations of one batch; and the default batch size keeps a Llama-3-8B MLP activation within 1 GiB."""
+
+import pytest
+import torch
+from test_architectures import CONFIGS, SMALL, X, tiny
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+from optimum_mosaic import PrunedConfig, Pruner
+from optimum_mosaic.architectures import named_projections
+from optimum_mosaic.calibration.layerwise import windows_per_forward
+from optimum_mosaic.calibration.statistics import InputStatistics
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CASES = [(t, {}) for t in sorted(CONFIGS)] + [(t, dict(structured_sparsity=0.25)) for t in ("llama", "gemma3_text")]
+
+
+def pruned(model_type: str, batch_size, **config):
+    """Weights after a default (ALPS-warm, sequential="projection") prune of 8 windows, and the most windows any
+    projection saw in one call."""
+    model, most = tiny(model_type), [0]
+    hooks = [
+        lin.register_forward_pre_hook(lambda mod, args: most.append(args[0].shape[0] if args[0].dim() > 2 else 0))
+        for lin in named_projections(model).values()
+    ]
+    Pruner(model, None).prune(
+        PrunedConfig(sparsity=0.5, **SMALL, **config), calibration_dataset=X, batch_size=batch_size
+    )
+    for h in hooks:
+        h.remove()
+    return {n: lin.weight.detach().clone() for n, lin in named_projections(model).items()}, max(most)
+
+
+@pytest.mark.parametrize(("model_type", "config"), CASES, ids=[f"{t}{'-composite' if c else ''}" for t, c in CASES])
+def test_batches_give_the_weights_of_one_batch(model_type, config):
+    whole, seen = pruned(model_type, None, **config)  # 8 windows of a 96-wide MLP: one batch
+    halves, seen_halves = pruned(model_type, 2, **config)
+    assert seen == 8 or model_type == "opt"  # OPT flattens its MLP input ([tokens, d]: counted as 0)
+    assert seen_halves == 2 or model_type == "opt"
+    assert halves.keys() == whole.keys()
+    assert all(torch.equal(halves[n], whole[n]) for n in whole), [
+        n for n in whole if not torch.equal(halves[n], whole[n])
+    ]
+    assert sum(int((w == 0).sum()) for w in whole.values()) > 0.3 * sum(w.numel() for w in whole.values())  # pruned
+
+
+def test_a_flattened_input_is_summed_window_by_window():
+    """OPT hands its MLP a [tokens, d] input: with ``seqlen`` the sums are those of the [windows, seqlen, d] input."""
+    x = torch.randn(6, 5, 7, generator=torch.Generator().manual_seed(0))
+    windowed, flat, one = (InputStatistics.empty(7, True, dtype=torch.float64) for _ in range(3))
+    windowed.update(x)
+    flat.update(x.reshape(-1, 7), seqlen=5)
+    one.update(x.reshape(-1, 7))
+    assert torch.equal(flat.hessian, windowed.hessian) and torch.equal(flat.sumsq, windowed.sumsq)
+    assert flat.tokens == one.tokens == 30
+    # without it, one fp32 product of all 30 rows: close, but not the bits the same windows give in any other batching
+    torch.testing.assert_close(one.hessian, windowed.hessian, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(one.hessian, windowed.hessian)
+
+
+def test_the_default_batch_keeps_one_mlp_activation_within_a_gib():
+    shapes = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8)
+    with torch.device("meta"):
+        llama3_8b = LlamaDecoderLayer(LlamaConfig(**shapes, intermediate_size=14336), 0)
+        smollm2 = LlamaDecoderLayer(LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9), 0)
+    # 2³⁰ B / (4 B × 2048 tokens × 14336) = 9.1 windows of 2048 tokens; all 32 SmolLM2 windows of 512 (96 MiB)
+    assert windows_per_forward(llama3_8b, 128, 2048) == 9
+    assert windows_per_forward(llama3_8b, 4, 2048) == 4
+    assert windows_per_forward(smollm2, 32, 512) == 32
+    assert windows_per_forward(smollm2, 128, 1 << 20) == 1  # never 0
