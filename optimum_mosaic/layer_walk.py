@@ -71,7 +71,7 @@ class LayerWalk:
                         found = unit_options(layer, self.spec, stats, units, config.dampening, scale)
                         options.update({(idx, kind): opts for kind, opts in found.items()})
                 else:
-                    out = forward_layer(layer, acts, idx)
+                    out = forward_layer(layer, acts, idx, in_place=True)
             acts.hidden = out
         return options
 
@@ -131,7 +131,7 @@ class LayerWalk:
         if idx not in targets or not kernel.needs:
             self._solve(targets, idx, list(targets.get(idx, {})), lambda p: None, prune)
             if propagate:
-                acts.hidden = forward_layer(layer, acts, idx)
+                acts.hidden = forward_layer(layer, acts, idx, in_place=True)
         elif config.sequential == "projection":
             acts.hidden = self._forward_pruning(layer, acts, idx, targets, hessian, prune)
         else:
@@ -139,7 +139,7 @@ class LayerWalk:
                 stats, _ = self._layer_statistics(layer, acts, idx, targets, hessian)
             self._solve(targets, idx, list(stats), stats.__getitem__, prune)
             if propagate:
-                acts.hidden = forward_layer(layer, acts, idx)
+                acts.hidden = forward_layer(layer, acts, idx, in_place=True)
 
     def _solve(self, targets: Targets, idx: int, projs: list[str], stats_of, prune) -> None:
         """Prune ``projs`` of layer ``idx`` (``prune(idx, proj, stats_of(proj))``). With several processes each

@@ -1,15 +1,17 @@
 """The pruning walk in several batches (``batch_size``): the weights of the one-batch walk, bit for bit, for every
-family, with activations of one batch; and the default batch size keeps a Llama-3-8B MLP activation within 1 GiB."""
+family, with activations of one batch; the default batch size keeps a Llama-3-8B MLP activation within 1 GiB; and
+a layer's outputs overwrite its inputs as they are propagated (one copy of every window's activations, not two)."""
 
 import pytest
 import torch
+from conftest import allocations
 from test_architectures import CONFIGS, SMALL, X, tiny
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from optimum_mosaic import PrunedConfig, Pruner
-from optimum_mosaic.architectures import named_projections
-from optimum_mosaic.calibration.layerwise import windows_per_forward
+from optimum_mosaic.architectures import get_arch_spec, named_projections
+from optimum_mosaic.calibration.layerwise import capture, forward_layer, windows_per_forward
 from optimum_mosaic.calibration.statistics import InputStatistics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -69,3 +71,15 @@ def test_the_default_batch_keeps_one_mlp_activation_within_a_gib():
     assert windows_per_forward(llama3_8b, 4, 2048) == 4
     assert windows_per_forward(smollm2, 32, 512) == 32
     assert windows_per_forward(smollm2, 128, 1 << 20) == 1  # never 0
+
+
+def test_propagating_overwrites_the_inputs_instead_of_allocating_a_second_copy():
+    model = tiny("llama")
+    acts = capture(model, get_arch_spec(model), X, torch.device("cpu"), batch_size=2)
+    layer, size = model.model.layers[0], acts.hidden.numel() * acts.hidden.element_size()
+    expected = forward_layer(layer, acts, 0)
+    assert max(allocations(lambda: forward_layer(layer, acts.clone(), 0))) >= size  # a second copy of all windows
+    inputs = acts.hidden
+    out = forward_layer(layer, acts, 0, in_place=True)
+    assert out is inputs and torch.equal(out, expected)
+    assert max(allocations(lambda: forward_layer(layer, acts, 0, in_place=True))) < size / 2  # one batch at a time
