@@ -44,10 +44,10 @@ class LayerWalk:
             return self.store.resident(idx, self.device, write)
         return on_device(decoder_layers(self.model, self.spec)[idx], self.device, compute=True)
 
-    def _layer_statistics(self, layer, acts, idx, targets, hessian) -> tuple[dict, torch.Tensor]:
+    def _layer_statistics(self, layer, acts, idx, targets, hessian, outputs="none") -> tuple[dict, torch.Tensor | None]:
         owners = input_owners(self.spec, targets[idx])
         hooked = {o: targets[idx][o] for o in set(owners.values())}
-        stats, out = collect_statistics(layer, acts, idx, hooked, hessian)
+        stats, out = collect_statistics(layer, acts, idx, hooked, hessian, outputs)
         return {p: stats[o] for p, o in owners.items()}, out
 
     def profile(self, acts: Activations, targets: Targets, profile: OutlierProfile, thresholds, config):
@@ -61,17 +61,17 @@ class LayerWalk:
                 if idx in targets:
                     whole = units and len(targets[idx]) == len(self.spec.keys)  # units need every projection
                     hessian = ("o", "down") if whole else False
-                    stats, out = self._layer_statistics(layer, acts, idx, targets, hessian)
+                    scale = residual_energy(acts.hidden) if whole else None  # before the outputs overwrite it
+                    stats, out = self._layer_statistics(layer, acts, idx, targets, hessian, "in_place")
                     scores = {p: wanda_scores(lin.weight, stats[p].sumsq) for p, lin in targets[idx].items()}
                     profile.add_layer(idx, scores, thresholds)
                     for p, s in stats.items():  # sensitivity proxy, unless a Hutchinson estimate is there
                         profile.sensitivity.setdefault((idx, p), input_hessian_proxy(s.sumsq, s.tokens))
                     if whole:
-                        scale = residual_energy(acts.hidden)
                         found = unit_options(layer, self.spec, stats, units, config.dampening, scale)
                         options.update({(idx, kind): opts for kind, opts in found.items()})
                 else:
-                    out = forward_layer(layer, acts, idx, in_place=True)
+                    out = forward_layer(layer, acts, idx, "in_place")
             acts.hidden = out
         return options
 
@@ -131,7 +131,7 @@ class LayerWalk:
         if idx not in targets or not kernel.needs:
             self._solve(targets, idx, list(targets.get(idx, {})), lambda p: None, prune)
             if propagate:
-                acts.hidden = forward_layer(layer, acts, idx, in_place=True)
+                acts.hidden = forward_layer(layer, acts, idx, "in_place")
         elif config.sequential == "projection":
             acts.hidden = self._forward_pruning(layer, acts, idx, targets, hessian, prune)
         else:
@@ -139,7 +139,7 @@ class LayerWalk:
                 stats, _ = self._layer_statistics(layer, acts, idx, targets, hessian)
             self._solve(targets, idx, list(stats), stats.__getitem__, prune)
             if propagate:
-                acts.hidden = forward_layer(layer, acts, idx, in_place=True)
+                acts.hidden = forward_layer(layer, acts, idx, "in_place")
 
     def _solve(self, targets: Targets, idx: int, projs: list[str], stats_of, prune) -> None:
         """Prune ``projs`` of layer ``idx`` (``prune(idx, proj, stats_of(proj))``). With several processes each

@@ -80,6 +80,10 @@ def test_propagating_overwrites_the_inputs_instead_of_allocating_a_second_copy()
     expected = forward_layer(layer, acts, 0)
     assert max(allocations(lambda: forward_layer(layer, acts.clone(), 0))) >= size  # a second copy of all windows
     inputs = acts.hidden
-    out = forward_layer(layer, acts, 0, in_place=True)
+    out = forward_layer(layer, acts, 0, "in_place")
     assert out is inputs and torch.equal(out, expected)
-    assert max(allocations(lambda: forward_layer(layer, acts, 0, in_place=True))) < size / 2  # one batch at a time
+    assert max(allocations(lambda: forward_layer(layer, acts, 0, "in_place"))) < size / 2  # one batch at a time
+    assert forward_layer(layer, acts, 0, "none") is None  # run for its hooks
+    assert max(allocations(lambda: forward_layer(layer, acts, 0, "none"))) < size / 2
+    with pytest.raises(ValueError, match="outputs must be"):
+        forward_layer(layer, acts, 0, "inplace")

@@ -134,14 +134,18 @@ def _largest_divisor(n: int, at_most: int) -> int:
 
 
 @torch.inference_mode()
-def forward_layer(layer: nn.Module, acts: Activations, index: int, in_place: bool = False) -> torch.Tensor:
-    """Outputs of ``layer`` for every cached input (the next layer's inputs). ``in_place``: each batch's outputs
-    overwrite its inputs (for callers that replace ``acts.hidden`` with them: one copy of every window's activations
-    instead of two — 4 GiB at 128 × 2048 tokens of a 4096-wide model)."""
-    out = acts.hidden if in_place else torch.empty_like(acts.hidden)
+def forward_layer(layer: nn.Module, acts: Activations, index: int, outputs: str = "new") -> torch.Tensor | None:
+    """Outputs of ``layer`` for every cached input (the next layer's inputs). ``outputs``: ``"new"`` in a new tensor;
+    ``"in_place"`` over the inputs, batch by batch (for callers that replace ``acts.hidden`` with them: one copy of
+    every window's activations instead of two — 4 GiB at 128 × 2048 tokens of a 4096-wide model); ``"none"``: not
+    kept (a forward run for its hooks)."""
+    if outputs not in ("new", "in_place", "none"):
+        raise ValueError(f"outputs must be 'new', 'in_place' or 'none', got {outputs!r}")
+    out = torch.empty_like(acts.hidden) if outputs == "new" else acts.hidden if outputs == "in_place" else None
     for b in acts.batches():
         y = layer(acts.hidden[b], **acts.layer_kwargs[index])
-        out[b] = y[0] if isinstance(y, tuple) else y
+        if out is not None:
+            out[b] = y[0] if isinstance(y, tuple) else y
     return out
 
 
@@ -156,16 +160,22 @@ def _accumulators(inputs: dict[str, nn.Linear], hessian: bool | Collection[str])
 
 @torch.inference_mode()
 def collect_statistics(
-    layer: nn.Module, acts: Activations, index: int, inputs: dict[str, nn.Linear], hessian: bool | Collection[str]
-) -> tuple[dict[str, InputStatistics], torch.Tensor]:
-    """One hooked forward of ``layer``: statistics of each given linear's input, and the layer outputs."""
+    layer: nn.Module,
+    acts: Activations,
+    index: int,
+    inputs: dict[str, nn.Linear],
+    hessian: bool | Collection[str],
+    outputs: str = "new",
+) -> tuple[dict[str, InputStatistics], torch.Tensor | None]:
+    """One hooked forward of ``layer``: statistics of each given linear's input, and the layer outputs (as
+    ``forward_layer``'s ``outputs`` says)."""
     stats, seqlen = _accumulators(inputs, hessian), acts.hidden.shape[1]
     handles = [
         lin.register_forward_hook(lambda mod, args, out, s=stats[name]: s.update(args[0], seqlen))
         for name, lin in inputs.items()
     ]
     try:
-        out = forward_layer(layer, acts, index)
+        out = forward_layer(layer, acts, index, outputs)
     finally:
         for h in handles:
             h.remove()
@@ -194,7 +204,7 @@ def forward_pruning(
         name, stats = _reach(layer, acts, index, pending, hessian)
         prune(name, all_reduce_statistics(stats).finalize())
         del pending[name]
-    return forward_layer(layer, acts, index, in_place=True)
+    return forward_layer(layer, acts, index, "in_place")
 
 
 def _forward_pruning_at_once(layer, acts, index, inputs, hessian, prune) -> torch.Tensor:
