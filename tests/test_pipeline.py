@@ -205,20 +205,25 @@ def test_the_default_kernel_consuming_h_changes_no_weight(sequential):
         assert torch.equal(a, b)
 
 
-def test_statistics_add_the_fp32_product_without_a_second_fp64_matrix():
-    """``fp64 += fp32`` converts the whole fp32 operand to fp64 first on CPU: a second d × d fp64 matrix (1.53 GiB at a
-    14336-wide input) beside the accumulator. ``update`` adds in row blocks: no allocation larger than the fp32
-    product, and the sums are the bits of the one-piece addition."""
+def test_statistics_multiply_only_the_lower_triangle_and_make_no_d_by_d_temporary():
+    """``XᵀX`` is symmetric: ``update`` multiplies row strips of its lower triangle (here 3 strips of a 3000-wide input:
+    2/3 of the full product's flops) and copies the upper triangle from them. No temporary of ``d × d`` (the full fp32
+    product was 36 MB here, 0.77 GiB at 14336). The sums equal an fp64 reference and are exactly symmetric."""
     from conftest import allocations
+    from torch.utils.flop_counter import FlopCounterMode
 
     from optimum_mosaic.calibration import statistics
 
-    d = 3000
-    x = torch.randn(2, 200, d, generator=torch.Generator().manual_seed(0))
+    d, windows, seqlen = 3000, 2, 200
+    x = torch.randn(windows, seqlen, d, generator=torch.Generator().manual_seed(0))
     stats = statistics.InputStatistics.empty(d, True, dtype=torch.float64)
     largest = allocations(lambda: stats.update(x))[0]
-    assert d * d * 4 <= largest < d * d * 8  # the fp32 product, nothing of fp64 d × d
-    reference = torch.zeros(d, d, dtype=torch.float64)
-    for w in x:
-        reference += w.T @ w
-    assert statistics.ADD_ROWS < d and torch.equal(stats.hessian, reference)
+    assert largest <= statistics.GRAM_ROWS * d * 8 < d * d * 4  # one strip's fp64 conversion at most
+    counter = FlopCounterMode(display=False)
+    with counter:
+        statistics.InputStatistics.empty(d, True, dtype=torch.float64).update(x)
+    assert counter.get_total_flops() < 0.7 * windows * 2 * seqlen * d * d
+    reference = torch.einsum("wti,wtj->ij", x.double(), x.double())
+    assert torch.equal(stats.hessian, stats.hessian.T)
+    torch.testing.assert_close(stats.hessian, reference, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(stats.sumsq, x.double().square().sum((0, 1)), rtol=1e-5, atol=1e-3)
