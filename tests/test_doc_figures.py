@@ -140,6 +140,14 @@ def packed_bytes(ratio) -> None:
     agrees(ratio, kernel["decoder_weight_bytes"] / dense["decoder_weight_bytes"])
 
 
+def scale_8b(within_gib, ratio) -> None:
+    rows = results("scale_llama3-8b")["rows"]
+    default = one(rows, method="default (3be9284)", tokens=128 * 2048)
+    peer = one(rows, method="llm-compressor SparseGPT (3be9284)", tokens=128 * 2048)  # the same sequence
+    assert float(within_gib) - 1 < default["peak_rss_mib"] / 1024 <= float(within_gib)
+    agrees(ratio, default["prune_s"] / peer["prune_s"])
+
+
 CLAIMS = {
     "main job": (
         r"on 2 idle CPU cores the prune takes ≈ (\d*½?) min and the two evaluations about (another minute|\d+ minutes)",
@@ -181,6 +189,10 @@ CLAIMS = {
         sparse_kernel,
     ),
     "packed format": (rf"rows·4` bytes: {NUMBER}× dense fp32 at 70 %", packed_bytes),
+    "scale, Llama-3-8B layer": (
+        rf"prunes a Llama-3-8B-shaped layer within {NUMBER} GiB, in {NUMBER}× llm-compressor's time",
+        scale_8b,
+    ),
 }
 
 
