@@ -7,8 +7,8 @@ makes a multi-process calibration give the masks of a single process. ``finalize
 kernels.
 
 ``XᵀX`` is symmetric, so only its lower triangle is multiplied, in row strips ``X[:, a:b]ᵀ X[:, :b]``: ``(n+1)/2n``
-of the full product's flops for ``n`` strips (0.54 at a 14336-wide input, where these sums are the largest single
-cost of a layer), and no ``d × d`` temporary. The upper triangle is copied from the lower after every ``update``.
+of the full product's flops for ``n`` strips (0.54 at a 14336-wide input; full products were 31 % of a Llama-3-8B
+layer's prune time at 128 × 2048 tokens), and no ``d × d`` temporary. The upper triangle is copied from the lower after every ``update``.
 """
 
 from __future__ import annotations
