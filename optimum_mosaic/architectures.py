@@ -53,6 +53,10 @@ class ArchSpec:
     config_keys: dict[str, str] = field(default_factory=lambda: dict(_LLAMA_CONFIG_KEYS))
     # norms that read a projection's output before the residual add (Gemma-2/3): projection key → path in the layer
     post_norms: dict[str, str] = field(default_factory=dict)
+    # the norm that opens the MLP half: its input is the residual stream h₁ = x + (post-normed) attention(x), and
+    # the layer run from h₁ with the attention returning zeros reproduces the layer (pre-norm residual halves);
+    # "" where that does not hold (OPT-350m normalises after the residual add)
+    mlp_norm: str = "post_attention_layernorm"
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -113,6 +117,7 @@ _GEMMA2 = ArchSpec(
     layers="model.layers",
     decoder="model",
     post_norms={"o": "post_attention_layernorm", "down": "post_feedforward_layernorm"},
+    mlp_norm="pre_feedforward_layernorm",
 )
 _PHI3 = ArchSpec(
     layers="model.layers",
@@ -138,6 +143,7 @@ _OPT = ArchSpec(
     mlp="",
     structured_units=("mlp",),  # OPT derives head_dim = hidden / heads, so whole heads cannot go
     config_keys={"intermediate": "ffn_dim"},
+    mlp_norm="",
 )
 
 ARCHITECTURES: dict[str, ArchSpec] = {

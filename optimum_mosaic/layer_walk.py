@@ -14,7 +14,14 @@ from .allocation.outliers import OutlierProfile, wanda_scores
 from .allocation.sensitivity import input_hessian_proxy
 from .architectures import ArchSpec, decoder_layers, layer_projections
 from .calibration.distributed import broadcast_object, broadcast_tensor, residual_energy, split_solves, world
-from .calibration.layerwise import Activations, collect_statistics, forward_layer, forward_pruning, on_device
+from .calibration.layerwise import (
+    Activations,
+    collect_statistics,
+    forward_layer,
+    forward_pruning,
+    layer_halves,
+    on_device,
+)
 from .configuration import PrunedConfig
 from .report import Targets, count_zeros
 from .structured import remove_units, unit_options
@@ -188,4 +195,4 @@ class LayerWalk:
             self._solve(targets, idx, members[owner], lambda p: stats, prune)
 
         hooked = {o: targets[idx][o] for o in members}
-        return forward_pruning(layer, acts, idx, hooked, hessian, prune_group)
+        return forward_pruning(layer, acts, idx, hooked, hessian, prune_group, layer_halves(layer, self.spec))

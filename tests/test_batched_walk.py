@@ -47,6 +47,40 @@ def test_batches_give_the_weights_of_one_batch(model_type, config):
     assert sum(int((w == 0).sum()) for w in whole.values()) > 0.3 * sum(w.numel() for w in whole.values())  # pruned
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "phi3", "opt"])
+def test_after_the_attention_is_pruned_later_forwards_skip_it(model_type):
+    """In 4 batches, the attention's first projection runs for ``o``'s statistics and once more to replace each
+    window by the residual stream h₁ (2 runs per batch; recomputing the attention for gate/up, down and the outputs
+    was 4). OPT normalises after its residual add, so it keeps recomputing; its weights are the same either way."""
+    model = tiny(model_type)
+    spec = get_arch_spec(model)
+    first, last = spec.projections["q"], spec.projections["down"]
+    runs = {first: 0, last: 0}
+    hooks = []
+    for layer in model.model.decoder.layers if model_type == "opt" else model.model.layers:
+        for path in runs:
+            hooks.append(
+                layer.get_submodule(path).register_forward_pre_hook(lambda *_, p=path: runs.update({p: runs[p] + 1}))
+            )
+    Pruner(model, None).prune(PrunedConfig(sparsity=0.5, **SMALL), calibration_dataset=X, batch_size=2)
+    for h in hooks:
+        h.remove()
+    calls = 4 * model.config.num_hidden_layers  # batches × layers, per forward of every window
+    # the dense outlier profile runs every window once; down then runs only for the outputs (its statistics stop
+    # the forward at its input), q also for o's statistics and h₁ (OPT: for o, gate/up, down and the outputs)
+    assert runs[last] == 2 * calls
+    assert runs[first] == (1 + (4 if model_type == "opt" else 2)) * calls
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_pruning_the_mlp_alone_enters_its_half_first_with_the_same_weights(model_type):
+    only_mlp = dict(targets=["gate", "up", "down"])
+    whole, _ = pruned(model_type, None, **only_mlp)
+    halves, _ = pruned(model_type, 2, **only_mlp)
+    assert all(torch.equal(halves[n], whole[n]) for n in whole)
+    assert all(bool((w == 0).any()) == ("mlp" in n) for n, w in whole.items())
+
+
 def test_a_flattened_input_is_summed_window_by_window():
     """OPT hands its MLP a [tokens, d] input: with ``seqlen`` the sums are those of the [windows, seqlen, d] input."""
     x = torch.randn(6, 5, 7, generator=torch.Generator().manual_seed(0))

@@ -183,6 +183,28 @@ def collect_statistics(
     return {name: all_reduce_statistics(stats[name]).finalize() for name in sorted(stats)}, out
 
 
+@dataclass(frozen=True)
+class Halves:
+    """A decoder layer as two residual halves: ``attention`` (the module) and the MLP half, which starts at
+    ``mlp_norm``'s input h₁ = x + attention's (post-normed) output. Run from h₁ with ``attention`` returning
+    zeros, the layer computes h₁ + 0 = h₁ and then exactly its MLP half."""
+
+    attention: nn.Module
+    mlp_norm: nn.Module
+
+    def holds(self, lin) -> bool:
+        """Whether projection ``lin`` (a ``RowSlice`` is held where its fused module is) is in the attention."""
+        module = getattr(lin, "fused", lin)
+        return any(m is module for m in self.attention.modules())
+
+
+def layer_halves(layer: nn.Module, spec: ArchSpec) -> Halves | None:
+    """``layer``'s two residual halves, or ``None`` where its family is not built of them (``spec.mlp_norm``)."""
+    if not spec.mlp_norm:
+        return None
+    return Halves(layer.get_submodule(spec.attention), layer.get_submodule(spec.mlp_norm))
+
+
 @torch.inference_mode()
 def forward_pruning(
     layer: nn.Module,
@@ -191,20 +213,70 @@ def forward_pruning(
     inputs: dict[str, nn.Linear],
     hessian: bool,
     prune: Callable[[str, InputStatistics], None],
+    halves: Halves | None = None,
 ) -> torch.Tensor:
     """Outputs of ``layer`` over every cached input, calling ``prune(name, stats)`` with the statistics of each
     given linear's whole input just before that linear runs (so it runs pruned). All windows in one batch: one
     forward, pruning from pre-hooks. In batches: per input, in the order the layer reaches them, a forward of
     each batch that stops at that input (``_reach``), then one forward for the outputs — the same statistics
-    (they are summed window by window) with the activations of one batch; the outputs overwrite ``acts.hidden``."""
+    (they are summed window by window) with the activations of one batch; the outputs overwrite ``acts.hidden``.
+    With ``halves``, once the attention's projections are pruned each window's input is replaced by h₁ (one forward
+    of the attention half) and every later forward skips the attention, which was recomputed for ``gate``/``up``,
+    ``down`` and the outputs: 0.81× the projections' multiply-adds per Llama-3-8B layer. Same bits either way."""
     if acts.batch_size >= acts.hidden.shape[0]:
         return _forward_pruning_at_once(layer, acts, index, inputs, hessian, prune)
-    pending = dict(inputs)
+    pending, in_mlp_half = dict(inputs), False
+    attention_inputs = {name for name, lin in inputs.items() if halves is not None and halves.holds(lin)}
     while pending:
-        name, stats = _reach(layer, acts, index, pending, hessian)
+        if halves is not None and not in_mlp_half and not attention_inputs & pending.keys():
+            _enter_mlp_half(layer, acts, index, halves)
+            in_mlp_half = True
+        with _zero_attention(halves) if in_mlp_half else contextlib.nullcontext():
+            name, stats = _reach(layer, acts, index, pending, hessian)
         prune(name, all_reduce_statistics(stats).finalize())
         del pending[name]
-    return forward_layer(layer, acts, index, "in_place")
+    with _zero_attention(halves) if in_mlp_half else contextlib.nullcontext():
+        return forward_layer(layer, acts, index, "in_place")
+
+
+def _enter_mlp_half(layer: nn.Module, acts: Activations, index: int, halves: Halves) -> None:
+    """``acts.hidden`` ← h₁, batch by batch: each forward stops at ``halves.mlp_norm``'s input."""
+
+    def hook(mod, args):
+        reached.append(args[0])
+        raise _Reached
+
+    handle = halves.mlp_norm.register_forward_pre_hook(hook)
+    try:
+        for b in acts.batches():
+            reached: list[torch.Tensor] = []
+            with contextlib.suppress(_Reached):
+                layer(acts.hidden[b], **acts.layer_kwargs[index])
+            if not reached:
+                raise RuntimeError(f"layer {index} never ran its MLP norm {halves.mlp_norm}")
+            acts.hidden[b] = reached[0]
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def _zero_attention(halves: Halves):
+    """``halves.attention`` returns zeros (and ``None`` for its attention weights) instead of running."""
+    attention = halves.attention
+    own = attention.__dict__.get("forward")  # an instance-level forward (accelerate's hooks) to put back
+
+    def zeros(*args, **kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return torch.zeros_like(hidden), None
+
+    attention.forward = zeros
+    try:
+        yield
+    finally:
+        if own is None:
+            del attention.forward
+        else:
+            attention.forward = own
 
 
 def _forward_pruning_at_once(layer, acts, index, inputs, hessian, prune) -> torch.Tensor:
