@@ -72,6 +72,22 @@ def test_after_the_attention_is_pruned_later_forwards_skip_it(model_type):
     assert runs[first] == (1 + (4 if model_type == "opt" else 2)) * calls
 
 
+def test_skipping_the_attention_puts_back_an_instance_level_forward():
+    """accelerate's hooks replace ``module.forward`` on the instance: the zeroed attention is undone to that."""
+    model = tiny("llama")
+    attention = model.model.layers[0].self_attn
+    runs, own = [], attention.forward
+
+    def wrapped(*args, **kwargs):
+        runs.append(1)
+        return own(*args, **kwargs)
+
+    attention.forward = wrapped
+    Pruner(model, None).prune(PrunedConfig(sparsity=0.5, **SMALL), calibration_dataset=X, batch_size=2)
+    assert attention.__dict__["forward"] is wrapped
+    assert len(runs) == 3 * 4  # 4 batches: the dense profile, o's statistics and h₁; never for gate/up, down, outputs
+
+
 @pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
 def test_pruning_the_mlp_alone_enters_its_half_first_with_the_same_weights(model_type):
     only_mlp = dict(targets=["gate", "up", "down"])
