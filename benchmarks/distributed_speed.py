@@ -2,6 +2,7 @@
 
     python benchmarks/distributed_speed.py                    # SmolLM2-135M, PrunedConfig() at 50 %, 1 thread each
     python benchmarks/distributed_speed.py --extra --pruner sparsegpt
+    python benchmarks/distributed_speed.py --shape llama3-8b --nsamples 32 --seqlen 2048   # one 8B-shaped layer
 
 Runs ``examples/distributed_prune.py`` as ``python`` (1 process) and ``torchrun --nproc_per_node N`` with
 ``OMP_NUM_THREADS`` fixed, times each launch wall to wall (model load, calibration, prune, save), reads the prune
@@ -37,22 +38,36 @@ def launch(argv: list[str], procs: int, threads: int, output: Path) -> dict:
         command = [*torchrun, "--master_port", "29531", *script]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     start = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    wall = time.perf_counter() - start
-    if done.returncode:
-        raise RuntimeError(done.stderr[-3000:])
-    total = re.search(r"total ([\d.]+)s", done.stdout)
-    return {"procs": procs, "threads": threads, "wall_s": round(wall, 1), "prune_s": float(total.group(1))}
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        child = subprocess.Popen(command, env=env, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(child.pid, 0)  # ru_maxrss: the largest process of the tree (KiB)
+        wall = time.perf_counter() - start
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if os.waitstatus_to_exitcode(status):
+        raise RuntimeError(stderr[-3000:])
+    total = re.search(r"total ([\d.]+)s", stdout)
+    return {"procs": procs, "threads": threads, "wall_s": round(wall, 1), "prune_s": float(total.group(1)),
+            "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2)}  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--procs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/distributed_speed.json"))
+    parser.add_argument("--shape", default=None, help="a random checkpoint at one of scale.py's shapes")
+    parser.add_argument("--layers", type=int, default=1, help="with --shape: decoder layers")
+    parser.add_argument("--out", default=None)
     args, extra = parser.parse_known_args()
-    rows = []
+    name = f"distributed_speed_{args.shape}.json" if args.shape else "distributed_speed.json"
+    out = Path(args.out or ROOT / "benchmarks/results" / name)
+    rows, argv = [], list(extra)
     with tempfile.TemporaryDirectory() as tmp:
+        if args.shape:
+            from scale import make_checkpoint
+
+            make_checkpoint(args.shape, args.layers, Path(tmp) / "model")
+            extra = ["--model", str(Path(tmp) / "model"), *extra]
         outputs = [Path(tmp) / "one", Path(tmp) / "many"]
         for procs, output in zip((1, args.procs), outputs, strict=True):
             rows.append(launch(extra, procs, args.threads, output))
@@ -60,7 +75,9 @@ def main() -> None:
         one, many = (load_file(str(p / "model.safetensors")) for p in outputs)
         differ = [k for k in one if not torch.equal(one[k], many[k])]
     result = {
-        "argv": extra,
+        "argv": argv,
+        "shape": args.shape,
+        "layers": args.layers if args.shape else None,
         "rows": rows,
         "speedup_wall": round(rows[0]["wall_s"] / rows[1]["wall_s"], 3),
         "speedup_prune": round(rows[0]["prune_s"] / rows[1]["prune_s"], 3),
@@ -68,7 +85,7 @@ def main() -> None:
         "env": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count()},
     }
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}))
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    out.write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":
