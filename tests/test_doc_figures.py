@@ -148,6 +148,14 @@ def scale_8b(within_gib, ratio) -> None:
     agrees(ratio, default["prune_s"] / peer["prune_s"])
 
 
+def distributed(smollm2, layer_8b, windows) -> None:
+    small, large = results("distributed_speed"), results("distributed_speed_llama3-8b")
+    for run, printed in ((small, smollm2), (large, layer_8b)):
+        assert run["tensors_differing"] == [] and [r["procs"] for r in run["rows"]] == [1, 2]
+        agrees(printed, run["rows"][0]["wall_s"] / run["rows"][1]["wall_s"])
+    assert large["argv"] == ["--nsamples", windows, "--seqlen", "2048"], large["argv"]
+
+
 CLAIMS = {
     "main job": (
         r"on 2 idle CPU cores the prune takes ≈ (\d*½?) min and the two evaluations about (another minute|\d+ minutes)",
@@ -189,6 +197,11 @@ CLAIMS = {
         sparse_kernel,
     ),
     "packed format": (rf"rows·4` bytes: {NUMBER}× dense fp32 at 70 %", packed_bytes),
+    "processes": (
+        rf"2 processes × 1 thread prune SmolLM2-135M {NUMBER}× faster than one process end to end, one"
+        rf" Llama-3-8B-shaped layer only {NUMBER}× at (\d+) × 2048 tokens",
+        distributed,
+    ),
     "scale, Llama-3-8B layer": (
         rf"prunes a Llama-3-8B-shaped layer within {NUMBER} GiB, in {NUMBER}× llm-compressor's time",
         scale_8b,
