@@ -42,9 +42,11 @@ def launch(argv: list[str], procs: int, threads: int, output: Path) -> dict:
         child = subprocess.Popen(command, env=env, stdout=out, stderr=err, text=True)
         _, status, usage = os.wait4(child.pid, 0)  # ru_maxrss: the largest process of the tree (KiB)
         wall = time.perf_counter() - start
-        out.seek(0), err.seek(0)
+        child.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
+        out.seek(0)
+        err.seek(0)
         stdout, stderr = out.read(), err.read()
-    if os.waitstatus_to_exitcode(status):
+    if child.returncode:
         raise RuntimeError(stderr[-3000:])
     total = re.search(r"total ([\d.]+)s", stdout)
     return {"procs": procs, "threads": threads, "wall_s": round(wall, 1), "prune_s": float(total.group(1)),
