@@ -3,6 +3,7 @@
     python benchmarks/domains_table.py                                   # SmolLM2, 50 / 70 %, the default runs
     python benchmarks/domains_table.py --model gemma3-270m --sparsities 0.7 --runs "uniform SparseGPT" default
     python benchmarks/domains_table.py --resume                          # keeps the finished rows of --out
+    python benchmarks/domains_table.py --table | --tasks-table | --headline   # RESULTS.md's tables, from --out
 
 Calibration: 32 × 512 windows (seed 0) of the bundled corpus the run names: ``PrunedConfig()``'s (the mixed corpus
 since issue 19) or the Austen novels (the only corpus before it). Decision metric (the only one any choice may use):
@@ -41,6 +42,7 @@ RUNS = {
     "ALPS-warm, Austen, δ 0.1": dict(allocation="uniform", pruner="alps_warm", dampening=0.1, **AUSTEN),
     "ALPS-warm, Austen, δ 0.3": dict(allocation="uniform", pruner="alps_warm", dampening=0.3, **AUSTEN),
     "ALPS-warm, mixed corpus, δ 0.1": dict(allocation="uniform", pruner="alps_warm", dampening=0.1),
+    "ALPS-warm, mixed corpus, ρ₀ 0.3, 12 iterations": dict(admm_rho=0.3, admm_iterations=12),  # layer_error.py's best
     "uniform ALPS": dict(allocation="uniform", pruner="alps", **AUSTEN),
     "uniform ALPS, mixed corpus": dict(allocation="uniform", pruner="alps"),  # full ADMM + PCG on the default corpus
     "projection (auto) SparseGPT": dict(allocation="projection", pruner="sparsegpt", **AUSTEN),  # before issue 12
@@ -128,7 +130,92 @@ def markdown(rows: list[dict], baseline: str = "uniform SparseGPT") -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+TASK_COLUMNS = (  # (task/metric, ...) per column of the zero-shot table; one cell may hold acc / acc_norm
+    ("mosaic_lastword_persuasion/acc",),
+    ("mosaic_nextsent_persuasion/acc", "mosaic_nextsent_persuasion/acc_norm"),
+    ("mosaic_lastword_shakespeare/acc",),
+    ("mosaic_nextsent_shakespeare/acc", "mosaic_nextsent_shakespeare/acc_norm"),
+)
+TASK_LABELS = {
+    "mosaic_lastword_persuasion/acc": "last-word *Persuasion* / acc",
+    "mosaic_nextsent_persuasion/acc": "next-sentence *Persuasion* / acc",
+    "mosaic_nextsent_persuasion/acc_norm": "next-sentence *Persuasion* / acc_norm",
+    "mosaic_lastword_shakespeare/acc": "last-word Shakespeare / acc",
+    "mosaic_nextsent_shakespeare/acc": "next-sentence Shakespeare / acc",
+    "mosaic_nextsent_shakespeare/acc_norm": "next-sentence Shakespeare / acc_norm",
+}
+STRUCTURED_RUNS = ("composite β=0.2 (default pruner)", "structured only (MLP channels)")
+
+
+def mean_accuracy(row: dict) -> tuple[float, float]:
+    """Mean of the four tasks' ``acc`` and its standard error (the four stderrs combined: ``√(Σ se²) / 4``)."""
+    cells = [row["tasks"][column[0]] for column in TASK_COLUMNS]
+    return sum(v for v, _ in cells) / len(cells), sum(se * se for _, se in cells) ** 0.5 / len(cells)
+
+
+def tasks_markdown(rows: list[dict]) -> str:
+    """Zero-shot accuracy of every unstructured row that has it, by sparsity then in ``RUNS`` order (llm-compressor
+    beside our SparseGPT rows)."""
+    lines = [
+        "| S | run | last-word *P.* | next-sent. *P.* acc / acc_norm | last-word Sh. | next-sent. Sh. acc / acc_norm "
+        "| mean acc ± stderr |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    order = list(RUNS)
+    order.insert(
+        order.index("uniform SparseGPT, mixed corpus") + 1, order.pop(order.index("llm-compressor SparseGPT (Austen)"))
+    )
+    shown = [r for r in rows if "tasks" in r and r["run"] not in STRUCTURED_RUNS]
+    for r in sorted(shown, key=lambda r: (r["sparsity"], order.index(r["run"]))):
+        cells = [" / ".join(f"{r['tasks'][key][0]:.3f}" for key in column) for column in TASK_COLUMNS]
+        mean, se = mean_accuracy(r)
+        sparsity = f"{r['sparsity']:.0%}".replace("%", " %") if r["sparsity"] else "–"
+        lines.append(f"| {sparsity} | {r['run']} | " + " | ".join(cells) + f" | {mean:.3f} ± {se:.3f} |")
+    return "\n".join(lines)
+
+
+def headline_markdown(rows: list[dict]) -> str:
+    """Mosaic's headline: composite against structured-only pruning at each sparsity both were run at — perplexity
+    on every domain (and how much lower the composite's is), then every task's accuracy with the difference in units
+    of the two standard errors combined (σ)."""
+    composite, coarse = STRUCTURED_RUNS
+    pairs = {}
+    for r in rows:
+        if r["run"] in STRUCTURED_RUNS:
+            pairs.setdefault(r["sparsity"], {})[r["run"]] = r
+    pairs = {s: p for s, p in sorted(pairs.items()) if len(p) == 2}
+    pct = {s: f"{s:.0%}".replace("%", " %") for s in pairs}
+    lines = [
+        "| S | composite: " + " / ".join(DOMAINS) + " | structured only | composite's perplexity lower by |",
+        "|---|---|---|---|",
+    ]
+    for s, p in pairs.items():
+        a, b = (" / ".join(f"{p[name]['ppl'][d]:.2f}" for d in DOMAINS) for name in (composite, coarse))
+        lower = " / ".join(f"{100 * (1 - p[composite]['ppl'][d] / p[coarse]['ppl'][d]):.1f}" for d in DOMAINS)
+        lines.append(f"| {pct[s]} | {a} | {b} | {lower} % |")
+    dense = next((r for r in rows if r["run"] == "dense" and "tasks" in r), None)
+    head = "| task / metric | " + " | ".join(f"{pct[s]}: composite | structured only | difference" for s in pairs)
+    lines += ["", head + (" | dense |" if dense else " |"), "|---" * (1 + 3 * len(pairs) + bool(dense)) + "|"]
+    for key, label in TASK_LABELS.items():
+        cells = []
+        for p in pairs.values():
+            (va, sa), (vb, sb) = p[composite]["tasks"][key], p[coarse]["tasks"][key]
+            sigma = (sa * sa + sb * sb) ** 0.5
+            cells += [f"{va:.3f} ± {sa:.3f}", f"{vb:.3f} ± {sb:.3f}", f"{va - vb:+.3f} ({abs(va - vb) / sigma:.1f} σ)"]
+        tail = f" | {dense['tasks'][key][0]:.3f} |" if dense else " |"
+        lines.append(f"| {label} | " + " | ".join(cells).replace("-", "−") + tail)
+    cells = []
+    for p in pairs.values():
+        (ma, sa), (mb, sb) = mean_accuracy(p[composite]), mean_accuracy(p[coarse])
+        sigma = (sa * sa + sb * sb) ** 0.5
+        relative = f"{100 * (ma / mb - 1):+.0f} % relative ({abs(ma - mb) / sigma:.1f} σ)".replace("-", "−")
+        cells += [f"{ma:.3f}", f"{mb:.3f}", relative]
+    tail = f" | {mean_accuracy(dense)[0]:.3f} |" if dense else " |"
+    lines.append("| mean of the four tasks' acc | " + " | ".join(cells) + tail)
+    return "\n".join(lines)
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7])
@@ -141,10 +228,19 @@ def main() -> None:
     parser.add_argument("--peer-python", default="/work/peer-venv/bin/python", help="a venv with llmcompressor")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--table", action="store_true", help="print --out as a markdown table; prune nothing")
-    args = parser.parse_args()
+    parser.add_argument("--tasks-table", action="store_true", help="print --out's zero-shot table; prune nothing")
+    parser.add_argument(
+        "--headline", action="store_true", help="print --out's composite vs structured-only tables; prune nothing"
+    )
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     out = Path(args.out or f"benchmarks/results/domains_{args.model}.json")
-    if args.table:
-        print(markdown(json.loads(out.read_text())["rows"]))
+    if args.table or args.tasks_table or args.headline:
+        rows = json.loads(out.read_text())["rows"]
+        print(markdown(rows) if args.table else tasks_markdown(rows) if args.tasks_table else headline_markdown(rows))
         return
 
     pruner = Pruner.from_pretrained(args.model)
