@@ -54,6 +54,13 @@ TASKS = ("mosaic_lastword_persuasion", "mosaic_nextsent_persuasion", "mosaic_las
          "mosaic_nextsent_shakespeare")  # fmt: skip
 
 
+def cpu_kind() -> str:
+    """The CPU a row ran on, as torch sees it (``AVX2``, ``AVX512``, ``+AMX``): results move at the rounding level
+    between BLAS paths, and prune times compare only on one machine. Rows without it ran on the AVX2 VM."""
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return torch.backends.cpu.get_cpu_capability() + ("+AMX" if amx else "")
+
+
 def held_out_windows(tokenizer, args) -> dict[str, torch.Tensor]:
     """Held-out calibration windows per part (the only data a choice may use): fiction from the Austen draw's
     held-out windows, code and technical prose from the mixed corpus's (disjoint from either corpus's
@@ -267,7 +274,7 @@ def main() -> None:
                 elapsed, report = time.perf_counter() - start, pruner.report
                 seen = {tuple(w.tolist()) for w in pruner._windows}
                 assert not any(tuple(w.tolist()) in seen for ws in held_out.values() for w in ws), "overlap"
-            row = {"run": name, "sparsity": key[1], "prune_s": round(elapsed, 1)}
+            row = {"run": name, "sparsity": key[1], "prune_s": round(elapsed, 1), "cpu": cpu_kind()}
             row.update(quality(model, tokenizer, args, manager, held_out))
             if report is not None:
                 row.update(achieved=report.achieved_sparsity, structured=report.structured_sparsity,
