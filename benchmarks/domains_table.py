@@ -132,9 +132,20 @@ def markdown(rows: list[dict], baseline: str = "uniform SparseGPT") -> str:
             ref = base.get(r["sparsity"])
             ratio = f" ({r['ppl'][d] / ref['ppl'][d]:.3f}×)" if ref and r is not ref and r["sparsity"] else ""
             cells.append(f"{r['ppl'][d]:.2f}{ratio}")
-        prune = f"{r['prune_s']:.1f}" if r["sparsity"] else "–"
+        prune = (
+            f"{r['prune_s']:.1f}{OTHER_CPU_MARK if r.get('cpu', 'AVX2') != 'AVX2' else ''}" if r["sparsity"] else "–"
+        )
         lines.append(f"| {r['run']} | {r['sparsity'] or '–'} | {prune} | {nll} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + other_cpu_note(rows))
+
+
+def other_cpu_note(rows: list[dict]) -> list[str]:
+    """A footnote for the rows marked ``OTHER_CPU_MARK`` (none when every row ran on the AVX2 VM)."""
+    kinds = sorted({r["cpu"] for r in rows if r.get("cpu", "AVX2") != "AVX2"})
+    if not kinds:
+        return []
+    return ["", f"{OTHER_CPU_MARK} ran on another machine ({', '.join(kinds)}; the other rows on the AVX2 VM): its "
+            "prune time compares only with rows of its own sequence, its figures differ at the rounding level."]  # fmt: skip
 
 
 TASK_COLUMNS = (  # (task/metric, ...) per column of the zero-shot table; one cell may hold acc / acc_norm
@@ -151,6 +162,7 @@ TASK_LABELS = {
     "mosaic_nextsent_shakespeare/acc": "next-sentence Shakespeare / acc",
     "mosaic_nextsent_shakespeare/acc_norm": "next-sentence Shakespeare / acc_norm",
 }
+OTHER_CPU_MARK = "†"
 STRUCTURED_RUNS = ("composite β=0.2 (default pruner)", "structured only (MLP channels)")
 
 
@@ -177,8 +189,9 @@ def tasks_markdown(rows: list[dict]) -> str:
         cells = [" / ".join(f"{r['tasks'][key][0]:.3f}" for key in column) for column in TASK_COLUMNS]
         mean, se = mean_accuracy(r)
         sparsity = f"{r['sparsity']:.0%}".replace("%", " %") if r["sparsity"] else "–"
-        lines.append(f"| {sparsity} | {r['run']} | " + " | ".join(cells) + f" | {mean:.3f} ± {se:.3f} |")
-    return "\n".join(lines)
+        run = r["run"] + (f" {OTHER_CPU_MARK}" if r.get("cpu", "AVX2") != "AVX2" else "")
+        lines.append(f"| {sparsity} | {run} | " + " | ".join(cells) + f" | {mean:.3f} ± {se:.3f} |")
+    return "\n".join(lines + other_cpu_note(shown))
 
 
 def headline_markdown(rows: list[dict]) -> str:
