@@ -144,8 +144,8 @@ def other_cpu_note(rows: list[dict]) -> list[str]:
     kinds = sorted({r["cpu"] for r in rows if r.get("cpu", "AVX2") != "AVX2"})
     if not kinds:
         return []
-    return ["", f"{OTHER_CPU_MARK} ran on another machine ({', '.join(kinds)}; the other rows on the AVX2 VM): its "
-            "prune time compares only with rows of its own sequence, its figures differ at the rounding level."]  # fmt: skip
+    return ["", f"{OTHER_CPU_MARK} ran on another machine ({', '.join(kinds)}), not on the AVX2 VM of unmarked rows: "
+            "its prune time compares only with rows of its own sequence, its figures differ at the rounding level."]  # fmt: skip
 
 
 TASK_COLUMNS = (  # (task/metric, ...) per column of the zero-shot table; one cell may hold acc / acc_norm
