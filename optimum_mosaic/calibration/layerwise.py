@@ -64,8 +64,8 @@ class Activations:
 def on_device(module: nn.Module, device: torch.device, compute: bool = False):
     """Move ``module`` to ``device`` for the duration of the block, then back where it was. ``compute``: also in
     float32 while there (a bf16/fp16 decoder layer runs, is measured and is solved in fp32 and is rounded to its
-    dtype once, on the way back: bf16 matmuls ran 59× slower than fp32 on an AVX2 CPU,
-    ``benchmarks/results/dtype_matmul.json``)."""
+    dtype once, on the way back: bf16 matmuls ran 59× slower than fp32 on an AVX2 CPU — though 0.12× fp32's time on
+    one with AMX, where this is the precise choice rather than the fast one; ``benchmarks/results/dtype_matmul.json``)."""
     param = next(module.parameters(), None)
     home = param.device if param is not None else device
     dtype = param.dtype if param is not None else torch.float32
