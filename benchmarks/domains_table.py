@@ -194,6 +194,13 @@ def tasks_markdown(rows: list[dict]) -> str:
     return "\n".join(lines + other_cpu_note(shown))
 
 
+def sigmas(difference: float, se_a: float, se_b: float) -> str:
+    """``|difference|`` in units of the two standard errors combined, ``√(se_a² + se_b²)`` (a task at 0 or 1 accuracy
+    has stderr 0: two such rows give "0.0" for no difference, "∞" otherwise)."""
+    sigma = (se_a * se_a + se_b * se_b) ** 0.5
+    return f"{abs(difference) / sigma:.1f}" if sigma else ("0.0" if difference == 0 else "∞")
+
+
 def headline_markdown(rows: list[dict]) -> str:
     """Mosaic's headline: composite against structured-only pruning at each sparsity both were run at — perplexity
     on every domain (and how much lower the composite's is), then every task's accuracy with the difference in units
@@ -220,15 +227,13 @@ def headline_markdown(rows: list[dict]) -> str:
         cells = []
         for p in pairs.values():
             (va, sa), (vb, sb) = p[composite]["tasks"][key], p[coarse]["tasks"][key]
-            sigma = (sa * sa + sb * sb) ** 0.5
-            cells += [f"{va:.3f} ± {sa:.3f}", f"{vb:.3f} ± {sb:.3f}", f"{va - vb:+.3f} ({abs(va - vb) / sigma:.1f} σ)"]
+            cells += [f"{va:.3f} ± {sa:.3f}", f"{vb:.3f} ± {sb:.3f}", f"{va - vb:+.3f} ({sigmas(va - vb, sa, sb)} σ)"]
         tail = f" | {dense['tasks'][key][0]:.3f} |" if dense else " |"
         lines.append(f"| {label} | " + " | ".join(cells).replace("-", "−") + tail)
     cells = []
     for p in pairs.values():
         (ma, sa), (mb, sb) = mean_accuracy(p[composite]), mean_accuracy(p[coarse])
-        sigma = (sa * sa + sb * sb) ** 0.5
-        relative = f"{100 * (ma / mb - 1):+.0f} % relative ({abs(ma - mb) / sigma:.1f} σ)".replace("-", "−")
+        relative = f"{100 * (ma / mb - 1):+.0f} % relative ({sigmas(ma - mb, sa, sb)} σ)".replace("-", "−")
         cells += [f"{ma:.3f}", f"{mb:.3f}", relative]
     tail = f" | {mean_accuracy(dense)[0]:.3f} |" if dense else " |"
     lines.append("| mean of the four tasks' acc | " + " | ".join(cells) + tail)

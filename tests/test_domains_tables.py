@@ -67,3 +67,9 @@ def test_results_tables_are_the_scripts_output(table, model):
     assert table.tasks_markdown(rows) in RESULTS_MD, f"the zero-shot table of {model} is not the script's output"
     for part in table.headline_markdown(rows).split("\n\n"):  # two tables, which the text may separate
         assert part in RESULTS_MD, f"a headline table of {model} is not the script's output:\n{part}"
+
+
+def test_sigmas_of_zero_stderr(table):
+    assert table.sigmas(0.05, 0.03, 0.04) == "1.0"
+    assert table.sigmas(0.0, 0.0, 0.0) == "0.0"  # both tasks at accuracy 0: no stderr, no difference
+    assert table.sigmas(0.1, 0.0, 0.0) == "∞"
