@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from dtype_matmul import cpu_kind  # a benchmark beside this one: the script's folder is on sys.path
 
 from optimum_mosaic import PrunedConfig, Pruner, perplexity
 from optimum_mosaic.calibration.data import MIXED_SHARES, _shares, mixed_windows, sample_windows
@@ -54,11 +55,10 @@ TASKS = ("mosaic_lastword_persuasion", "mosaic_nextsent_persuasion", "mosaic_las
          "mosaic_nextsent_shakespeare")  # fmt: skip
 
 
-def cpu_kind() -> str:
-    """The CPU a row ran on, as torch sees it (``AVX2``, ``AVX512``, ``+AMX``): results move at the rounding level
-    between BLAS paths, and prune times compare only on one machine. Rows without it ran on the AVX2 VM."""
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return torch.backends.cpu.get_cpu_capability() + ("+AMX" if amx else "")
+def on_other_cpu(row: dict) -> bool:
+    """Whether ``row`` ran elsewhere than the AVX2 VM (rows record ``dtype_matmul.cpu_kind()``; rows without it ran
+    there): results move at the rounding level between BLAS paths, and prune times compare only on one machine."""
+    return row.get("cpu", "AVX2") != "AVX2"
 
 
 def held_out_windows(tokenizer, args) -> dict[str, torch.Tensor]:
@@ -132,16 +132,14 @@ def markdown(rows: list[dict], baseline: str = "uniform SparseGPT") -> str:
             ref = base.get(r["sparsity"])
             ratio = f" ({r['ppl'][d] / ref['ppl'][d]:.3f}×)" if ref and r is not ref and r["sparsity"] else ""
             cells.append(f"{r['ppl'][d]:.2f}{ratio}")
-        prune = (
-            f"{r['prune_s']:.1f}{OTHER_CPU_MARK if r.get('cpu', 'AVX2') != 'AVX2' else ''}" if r["sparsity"] else "–"
-        )
+        prune = f"{r['prune_s']:.1f}{OTHER_CPU_MARK if on_other_cpu(r) else ''}" if r["sparsity"] else "–"
         lines.append(f"| {r['run']} | {r['sparsity'] or '–'} | {prune} | {nll} | " + " | ".join(cells) + " |")
     return "\n".join(lines + other_cpu_note(rows))
 
 
 def other_cpu_note(rows: list[dict]) -> list[str]:
     """A footnote for the rows marked ``OTHER_CPU_MARK`` (none when every row ran on the AVX2 VM)."""
-    kinds = sorted({r["cpu"] for r in rows if r.get("cpu", "AVX2") != "AVX2"})
+    kinds = sorted({r["cpu"] for r in rows if on_other_cpu(r)})
     if not kinds:
         return []
     return ["", f"{OTHER_CPU_MARK} ran on another machine ({', '.join(kinds)}), not on the AVX2 VM of unmarked rows: "
@@ -189,7 +187,7 @@ def tasks_markdown(rows: list[dict]) -> str:
         cells = [" / ".join(f"{r['tasks'][key][0]:.3f}" for key in column) for column in TASK_COLUMNS]
         mean, se = mean_accuracy(r)
         sparsity = f"{r['sparsity']:.0%}".replace("%", " %") if r["sparsity"] else "–"
-        run = r["run"] + (f" {OTHER_CPU_MARK}" if r.get("cpu", "AVX2") != "AVX2" else "")
+        run = r["run"] + (f" {OTHER_CPU_MARK}" if on_other_cpu(r) else "")
         lines.append(f"| {sparsity} | {run} | " + " | ".join(cells) + f" | {mean:.3f} ± {se:.3f} |")
     return "\n".join(lines + other_cpu_note(shown))
 

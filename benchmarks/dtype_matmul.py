@@ -17,21 +17,23 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from scale import SHAPES
 
 OUT = Path(__file__).with_name("results").joinpath("dtype_matmul.json")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-LLAMA3_8B = {
-    "q": (4096, 4096),
-    "k": (1024, 4096),
-    "v": (1024, 4096),
-    "o": (4096, 4096),
-    "gate": (14336, 4096),
-    "up": (14336, 4096),
-    "down": (4096, 14336),
-}  # fmt: skip  (out, in)
+
+
+def projection_shapes(shape: str = "llama3-8b") -> dict[str, tuple[int, int]]:
+    """(out, in) of the seven projections of one decoder layer of ``scale.py``'s ``shape``."""
+    dims = SHAPES[shape]
+    hidden, mlp = dims["hidden_size"], dims["intermediate_size"]
+    kv = hidden // dims["num_attention_heads"] * dims["num_key_value_heads"]
+    return {"q": (hidden, hidden), "k": (kv, hidden), "v": (kv, hidden), "o": (hidden, hidden),
+            "gate": (mlp, hidden), "up": (mlp, hidden), "down": (hidden, mlp)}  # fmt: skip
 
 
 def cpu_kind() -> str:
+    """The kind of CPU, as torch sees it: ``AVX2``, ``AVX512``, plus ``+AMX`` where AMX tiles are usable."""
     amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
     return torch.backends.cpu.get_cpu_capability() + ("+AMX" if amx else "")
 
@@ -63,7 +65,7 @@ def main() -> None:
              "slowdown_vs_fp32": ratios(ms)}  # fmt: skip
     if not args.small:
         x = torch.randn(2048, 4096)
-        weights = {name: torch.randn(shape) * 0.02 for name, shape in LLAMA3_8B.items()}
+        weights = {name: torch.randn(shape) * 0.02 for name, shape in projection_shapes().items()}
         layer = {}
         for dtype in DTYPES:
             w = {name: t.to(dtype) for name, t in weights.items()}
