@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from dtype_matmul import cpu_kind  # a benchmark beside this one: the script's folder is on sys.path
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,7 +85,12 @@ def main() -> None:
         "speedup_wall": round(rows[0]["wall_s"] / rows[1]["wall_s"], 3),
         "speedup_prune": round(rows[0]["prune_s"] / rows[1]["prune_s"], 3),
         "tensors_differing": differ,
-        "env": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count()},
+        "env": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cpus": os.cpu_count(),
+            "cpu": cpu_kind(),
+        },
     }
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}))
     out.write_text(json.dumps(result, indent=1) + "\n")

@@ -13,7 +13,15 @@ from tqdm.auto import tqdm
 from .allocation.outliers import OutlierProfile, wanda_scores
 from .allocation.sensitivity import input_hessian_proxy
 from .architectures import ArchSpec, decoder_layers, layer_projections
-from .calibration.distributed import broadcast_object, broadcast_tensor, residual_energy, split_solves, world
+from .calibration.distributed import (
+    ROWS,
+    broadcast_object,
+    broadcast_tensor,
+    residual_energy,
+    row_shard,
+    split_solves,
+    world,
+)
 from .calibration.layerwise import (
     Activations,
     collect_statistics,
@@ -44,6 +52,7 @@ class LayerWalk:
     def __init__(self, model, spec: ArchSpec, device, store=None):
         self.model, self.spec, self.device, self.store = model, spec, device, store
         self.dampening: dict[str, float] = {}
+        self.row_kernel = False  # the kernel of the current prune can solve a block of rows (``RowShard``)
 
     def resident(self, idx: int, write: bool = False):
         """Layer ``idx`` on the execution device for a block (loaded from disk and written back when offloaded)."""
@@ -86,7 +95,7 @@ class LayerWalk:
     def prune(self, acts, targets: Targets, plan, kernel, config: PrunedConfig, cuts=None, label="") -> None:
         """Sequential pass: statistics from already-pruned inputs, remove units (``cuts``), prune, propagate."""
         cuts = cuts or {}
-        self.dampening = {}
+        self.dampening, self.row_kernel = {}, kernel.rows
         last = max(targets)
         if not cuts and all(s == 0 for s in plan.values()):
             return  # nothing to remove
@@ -116,7 +125,10 @@ class LayerWalk:
             targets[idx] = layer_projections(layer, self.spec, list(targets[idx]))
         self.store.counts.update(count_zeros({idx: targets[idx]}))
 
-    def _prune_one(self, targets: Targets, plan, kernel, config: PrunedConfig, idx: int, proj: str, stats) -> None:
+    def _prune_one(
+        self, targets: Targets, plan, kernel, config: PrunedConfig, idx: int, proj: str, stats, shard=None
+    ) -> None:
+        """Prune one projection; with ``shard`` this process solves its block of rows and the blocks are gathered."""
         lin, sparsity = targets[idx][proj], plan[(idx, proj)]
         if sparsity == 0:
             return
@@ -126,7 +138,11 @@ class LayerWalk:
             max_iterations=config.admm_iterations, cg_iterations=config.cg_iterations, rho=config.admm_rho
         )
         options.update({k: v for k, v in iterations.items() if v is not None})  # else the kernel's default
-        lin.weight.data.copy_(kernel.fn(lin.weight.data, stats, sparsity, info=info, **options))
+        if shard is None:
+            lin.weight.data.copy_(kernel.fn(lin.weight.data, stats, sparsity, info=info, **options))
+        else:
+            rows = kernel.fn(shard.local(lin.weight.data), stats, sparsity, info=info, shard=shard, **options)
+            lin.weight.data.copy_(shard.gather(rows))
         if info.get("dampening", config.dampening) != config.dampening:
             self.dampening[f"{idx}.{proj}"] = info["dampening"]
 
@@ -149,24 +165,25 @@ class LayerWalk:
                 acts.hidden = forward_layer(layer, acts, idx, "in_place")
 
     def _solve(self, targets: Targets, idx: int, projs: list[str], stats_of, prune) -> None:
-        """Prune ``projs`` of layer ``idx`` (``prune(idx, proj, stats_of(proj))``). With several processes each
-        solves its share (``split_solves``: whole projections, balanced by cost) and every result is broadcast
-        from the process that solved it, so all processes hold the weights one process would compute."""
+        """Prune ``projs`` of layer ``idx`` (``prune(idx, proj, stats_of(proj), shard)``). With several processes each
+        solves its share (``split_solves``: whole projections balanced by cost; one that outweighs a process's share
+        is solved by all, a block of rows each, ``shard``) and every result is broadcast from the process that
+        solved it, so all processes hold the weights one process would compute."""
         rank, size = world()
         shapes = {p: tuple(targets[idx][p].weight.shape) for p in projs}
-        owners = split_solves(shapes, size)
-        mine = [p for p in projs if owners[p] == rank]
+        owners = split_solves(shapes, size, rows=self.row_kernel)
+        mine = [p for p in projs if owners[p] in (rank, ROWS)]
         for i, proj in enumerate(mine):
             stats = stats_of(proj)
             last = stats is not None and all(stats_of(p) is not stats for p in mine[i + 1 :])
             if last:  # the kernels need not cache factors for later readers; what they cached is freed after
                 stats.final_read = True
-            prune(idx, proj, stats)
+            prune(idx, proj, stats, row_shard(shapes[proj][0]) if owners[proj] == ROWS else None)
             if last:
                 stats.cache.clear()
         if size == 1:
             return
-        for proj in projs:
+        for proj in (p for p in projs if owners[p] != ROWS):  # a shared one is whole on every process already
             broadcast_tensor(targets[idx][proj].weight.data, owners[proj])
             damp = broadcast_object(self.dampening.get(f"{idx}.{proj}"), owners[proj])
             if damp is not None:

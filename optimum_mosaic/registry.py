@@ -23,17 +23,18 @@ class Method:
     kind: str
     fn: Callable
     needs: tuple[str, ...] = ()  # calibration statistics the method reads: "sumsq" and/or "hessian"
+    rows: bool = False  # takes ``shard=RowShard``: solves a block of rows with the whole matrix's selections
 
 
 _REGISTRY: dict[tuple[str, str], Method] = {}
 
 
-def register_method(name: str, kind: str, fn: Callable, needs: tuple[str, ...] = ()) -> Callable:
+def register_method(name: str, kind: str, fn: Callable, needs: tuple[str, ...] = (), rows: bool = False) -> Callable:
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if (kind, name) in _REGISTRY:
         raise ValueError(f"a {kind} method named {name!r} is already registered")
-    _REGISTRY[(kind, name)] = Method(name, kind, fn, tuple(needs))
+    _REGISTRY[(kind, name)] = Method(name, kind, fn, tuple(needs), rows)
     return fn
 
 

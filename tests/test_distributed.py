@@ -97,10 +97,10 @@ def _tiny_prune(options: dict, calls: list | None = None):
 
     original = LayerWalk._prune_one
 
-    def counted(self, targets, plan, kernel, config, idx, proj, stats):
+    def counted(self, targets, plan, kernel, config, idx, proj, stats, shard=None):
         if calls is not None and plan[(idx, proj)] > 0:
-            calls.append(f"{idx}.{proj}")
-        return original(self, targets, plan, kernel, config, idx, proj, stats)
+            calls.append(f"{idx}.{proj}" + ("" if shard is None else f" rows {shard.start}:{shard.stop}"))
+        return original(self, targets, plan, kernel, config, idx, proj, stats, shard)
 
     model = tiny("llama")
     LayerWalk._prune_one = counted
@@ -142,8 +142,16 @@ def test_two_processes_share_the_solves_and_match_one_process(tmp_path, one_thre
         one_calls = []
         one = _tiny_prune(options, one_calls)
         weights, (first, second) = two[name]
-        assert set(first).isdisjoint(second) and sorted(first + second) == sorted(one_calls), name
+        # a projection alone in its input group (o, down) is solved by both, a block of rows each (64 = 32 + 32)
+        shared = sorted(c.split()[0] for c in first if " rows " in c)
+        assert shared == sorted(c.split()[0] for c in second if " rows " in c), name
+        assert all(c.endswith("rows 0:32") for c in first if " rows " in c), name
+        assert all(c.endswith("rows 32:64") for c in second if " rows " in c), name
+        first, second = ([c for c in calls if " rows " not in c] for calls in (first, second))
+        assert set(first).isdisjoint(second) and sorted(first + second + shared) == sorted(one_calls), name
         assert first and second, f"{name}: one process solved everything ({first} / {second})"
+        if options.get("sequential") != "layer":
+            assert {c.split(".")[1] for c in shared} == {"o", "down"}, name
         assert one.keys() == weights.keys()
         different = [k for k in one if not torch.equal(one[k], weights[k])]
         assert not different, f"{name}: {different[:4]}"
@@ -159,3 +167,90 @@ def test_split_solves_balances_by_cost():
     assert owners == {p: 0 if p == "down" else 1 for p in llama3} and loads[0] > loads[1]
     even = split_solves({"a": (8, 8), "b": (8, 8), "c": (8, 8), "d": (8, 8)}, 2)
     assert sorted(even.values()) == [0, 0, 1, 1] and split_solves({"a": (8, 8)}, 1) == {"a": 0}
+
+
+def test_split_solves_shares_the_rows_of_a_projection_that_outweighs_a_process():
+    from optimum_mosaic.calibration.distributed import ROWS, RowShard, split_solves
+
+    llama3 = {"q": (4096, 4096), "k": (1024, 4096), "v": (1024, 4096), "o": (4096, 4096),
+              "gate": (14336, 4096), "up": (14336, 4096), "down": (4096, 14336)}  # fmt: skip
+    owners = split_solves(llama3, 2, rows=True)  # down: 3.8e12 of 4.9e12 → rows; the other six balanced beside it
+    assert owners["down"] == ROWS and sorted(owners[p] for p in ("gate", "up")) == [0, 1]
+    assert split_solves({"down": (4096, 14336)}, 2, rows=True) == {"down": ROWS}  # alone in its input group
+    assert split_solves({"gate": (14336, 4096), "up": (14336, 4096)}, 2, rows=True) == {"gate": 0, "up": 1}
+    smol = {"q": (576, 576), "k": (192, 576), "v": (192, 576)}  # q is less than half: whole projections, as before
+    assert split_solves(smol, 2, rows=True) == split_solves(smol, 2) == {"q": 0, "k": 1, "v": 1}
+    assert split_solves({"down": (4096, 14336)}, 1, rows=True) == {"down": 0}  # one process: nothing to share
+    assert split_solves({"tiny": (1, 8)}, 2, rows=True) == {"tiny": 0}  # fewer rows than processes
+    assert [RowShard(r, 2, 37).bounds(r) for r in range(2)] == [(0, 19), (19, 37)]
+    assert [RowShard(r, 3, 7).bounds(r) for r in range(3)] == [(0, 3), (3, 5), (5, 7)]
+
+
+# -- the kernels on a block of rows: 37 rows (19 + 18 on 2 processes), gathered, equal the one-process result --
+ROW_KERNELS = {
+    "sparsegpt": dict(block_size=8),
+    "sparsegpt isc": dict(block_size=8, saliency="isc", name="sparsegpt"),
+    "sparsegpt 2:4": dict(block_size=8, nm=(2, 4), name="sparsegpt"),
+    "sparsegpt_refit": dict(block_size=8, cg_iterations=4),
+    "alps": dict(max_iterations=40, cg_iterations=5),
+    "alps 2:4": dict(max_iterations=12, nm=(2, 4), name="alps"),
+    "alps_warm": dict(block_size=8),
+}
+
+
+def _row_problem():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(256, 24, generator=g) * torch.linspace(0.2, 3.0, 24)
+    x[:, 5] = 0.0  # a dead input
+    return torch.randn(37, 24, generator=g), _stats(x.view(8, 32, 24)).finalize()
+
+
+def _row_kernel_results(shard):
+    from optimum_mosaic.registry import get_method
+
+    weight, stats = _row_problem()
+    results = {}
+    for label, options in ROW_KERNELS.items():
+        options = dict(options)
+        method = get_method("unstructured", options.pop("name", label))
+        sparsity = 0.5 if "nm" in options else 0.6
+        for start in ("dense", "pruned"):
+            w = weight if start == "dense" else results[(label, "dense")][0]
+            info = {}
+            local = w if shard is None else shard.local(w)
+            out = method.fn(local, _row_problem()[1], sparsity, info=info, shard=shard, **options)
+            results[(label, start)] = (out if shard is None else shard.gather(out), info)
+    return results
+
+
+def _row_kernel_worker(rank: int, init_file: str, out: str) -> None:
+    from optimum_mosaic.calibration.distributed import RowShard
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=timedelta(seconds=60)
+    )
+    try:
+        results = _row_kernel_results(RowShard(rank, 2, 37))
+        if rank == 0:
+            torch.save(results, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_row_kernels_on_two_processes_equal_one_process(tmp_path, one_thread):
+    from optimum_mosaic.registry import get_method
+
+    out = tmp_path / "rows.pt"
+    mp.start_processes(_row_kernel_worker, args=(str(tmp_path / "init"), str(out)), nprocs=2, start_method="fork")
+    two, one = torch.load(out), _row_kernel_results(None)
+    assert two.keys() == one.keys()
+    for key, (weight, info) in one.items():
+        assert torch.equal(two[key][0], weight), key
+        assert two[key][1] == info, key  # the schedule (iterations, ρ, flips) and CG steps too
+        kept = 37 * 24 // 2 if "2:4" in key[0] else 37 * 24 - round(0.6 * 37 * 24)
+        assert int(torch.count_nonzero(weight)) == kept and not weight[:, 5].any(), key
+    assert one[("alps", "dense")][1]["iterations"] > 3  # ADMM ran: the support test counted every row
+    assert one[("alps_warm", "pruned")][1].get("existing_zeros")  # the count of existing zeros spans both blocks
+    assert all(get_method("unstructured", m).rows for m in ("sparsegpt", "sparsegpt_refit", "alps", "alps_warm"))
+    assert not get_method("unstructured", "wanda").rows  # whole-row selections: nothing to share

@@ -2,9 +2,14 @@
 statistics, being sums, are all-reduced before anything is decided from them. Works with any launcher
 that initialises ``torch.distributed`` (``accelerate launch``, ``torchrun``; the gloo backend on CPU).
 The solves are shared too: each process prunes a share of each layer's projections (``split_solves``) and
-broadcasts its results, so all processes end with the same model."""
+broadcasts its results, so all processes end with the same model; a projection that outweighs a process's share
+(Llama-3-8B's ``down_proj``) is solved by all of them, each a block of its rows (``RowShard``), with every
+selection over the whole matrix made on the gathered matrix, so the result is that of one process."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -75,16 +80,100 @@ def solve_cost(shape: tuple[int, int]) -> int:
     return rows * cols * cols + cols**3
 
 
-def split_solves(shapes: dict[str, tuple[int, int]], size: int) -> dict[str, int]:
+ROWS = -1  # split_solves: every process solves a block of the projection's rows
+
+
+def split_solves(shapes: dict[str, tuple[int, int]], size: int, rows: bool = False) -> dict[str, int]:
     """The process that solves each projection: longest first, each to the least loaded process (ties: the lower
-    rank). Depends only on the shapes and their order, so every process computes the same split."""
+    rank). Depends only on the shapes and their order, so every process computes the same split.
+
+    ``rows`` (the kernel can solve a block of rows, ``RowShard``): a projection costing more than a process's fair
+    share (``total / size``) is solved by all processes, each a block of its rows (owner ``ROWS``), which costs each
+    ``rows·cols²/size + cols³`` (the factorisation is repeated); the others are balanced on top. E.g. ``o`` or
+    ``down`` alone in its input group, or ``down`` among all seven at a Llama-3-8B layer."""
     load = [0] * size
     owners = {}
+    total = sum(solve_cost(s) for s in shapes.values())
     for name in sorted(shapes, key=lambda n: -solve_cost(shapes[n])):  # stable: equal costs keep their order
+        r, c = shapes[name]
+        if rows and size > 1 and r >= size and solve_cost(shapes[name]) * size > total:
+            owners[name] = ROWS
+            load = [x + r * c * c // size + c**3 for x in load]
+            continue
         rank = min(range(size), key=lambda r: (load[r], r))
         owners[name] = rank
         load[rank] += solve_cost(shapes[name])
     return owners
+
+
+@dataclass(frozen=True)
+class RowShard:
+    """Rows ``[start, stop)`` of a ``rows``-row matrix that ``size`` processes solve together, each a contiguous block
+    in rank order (the first ``rows mod size`` one row longer). Selections over the whole matrix (a top-k, a block
+    threshold, column norms) are made on ``gather``'s whole matrix, identical on every process and to one process's
+    (products are row by row, and the CPU BLAS gives a row the same bits in a block of rows as in the whole matrix:
+    ``tests/test_distributed.py`` checks the kernels' results bit for bit)."""
+
+    rank: int
+    size: int
+    rows: int
+
+    def bounds(self, rank: int) -> tuple[int, int]:
+        base, extra = divmod(self.rows, self.size)
+        start = rank * base + min(rank, extra)
+        return start, start + base + (rank < extra)
+
+    @property
+    def start(self) -> int:
+        return self.bounds(self.rank)[0]
+
+    @property
+    def stop(self) -> int:
+        return self.bounds(self.rank)[1]
+
+    def local(self, whole: torch.Tensor) -> torch.Tensor:
+        """This process's rows of ``whole``."""
+        return whole[self.start : self.stop]
+
+    def gather(self, local: torch.Tensor) -> torch.Tensor:
+        """The whole matrix from every process's block of rows, in row order, on every process."""
+        width = -(-self.rows // self.size)
+        out = local.new_empty((self.size * width, *local.shape[1:]))
+        if local.shape[0] < width:  # gloo gathers equal sizes: pad the shorter blocks
+            local = torch.cat([local, local.new_zeros((width - local.shape[0], *local.shape[1:]))])
+        torch.distributed.all_gather(list(out.split(width)), local.contiguous())
+        if self.rows % self.size == 0:
+            return out
+        blocks = (out[r * width : r * width + b - a] for r, (a, b) in enumerate(map(self.bounds, range(self.size))))
+        return torch.cat(list(blocks))
+
+    def sum(self, value: float) -> float:
+        """``value`` summed over the processes (counts are exact; float sums in rank order)."""
+        t = torch.tensor([value], dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return float(t.item())
+
+
+def row_shard(rows: int) -> RowShard:
+    """This process's share of a ``rows``-row solve."""
+    rank, size = world()
+    return RowShard(rank, size, rows)
+
+
+def whole(local: torch.Tensor, shard: RowShard | None) -> torch.Tensor:
+    """The whole matrix: ``local`` itself in one process (``shard`` None), else gathered from every process."""
+    return local if shard is None else shard.gather(local)
+
+
+def on_whole(fn: Callable[[torch.Tensor], torch.Tensor], local: torch.Tensor, shard: RowShard | None) -> torch.Tensor:
+    """``fn`` (a selection over the whole matrix, returning a matrix of its shape) of the whole matrix, then this
+    process's rows."""
+    return fn(local) if shard is None else shard.local(fn(shard.gather(local)))
+
+
+def total(value, shard: RowShard | None):
+    """``value`` (a count or a float) summed over the processes sharing the rows; ``value`` itself in one process."""
+    return value if shard is None else type(value)(shard.sum(value))
 
 
 def broadcast_tensor(tensor: torch.Tensor, src: int) -> None:

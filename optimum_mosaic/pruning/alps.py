@@ -67,6 +67,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..calibration.distributed import on_whole, total
 from ..registry import register_method
 from .masks import kth_smallest
 from .refit import normalized_weights, refit_on_support
@@ -129,8 +130,9 @@ def keep_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     return keep.view_as(scores)
 
 
-def _project(Z: torch.Tensor, k: int, nm: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``P_k(Z)`` and its support (True = kept)."""
+def _project(Z: torch.Tensor, k: int, nm: tuple[int, int] | None, shard=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``P_k(Z)`` and its support (True = kept); with ``shard``, ``Z`` is this process's rows and the top-k is taken over
+    every process's rows."""
     if nm:
         n, m = nm
         rows, cols = Z.shape
@@ -139,7 +141,7 @@ def _project(Z: torch.Tensor, k: int, nm: tuple[int, int] | None) -> tuple[torch
         support.scatter_(2, torch.argsort(groups, dim=2, stable=True)[..., :n], False)
         support = support.reshape(rows, cols)
     else:
-        support = keep_top_k(Z.abs(), k)
+        support = on_whole(lambda scores: keep_top_k(scores, k), Z.abs(), shard)
     return Z * support, support
 
 
@@ -189,7 +191,7 @@ def b_step(Wn, D, V, rho: float, inv: torch.Tensor, overwrite: bool = False) -> 
     return torch.addmm(Wn, T.mul_(rho).sub_(V), inv)
 
 
-def admm(Wn, Hn, k: int, nm, rho: float, max_iterations: int, inverse: RidgeInverses, start=None):
+def admm(Wn, Hn, k: int, nm, rho: float, max_iterations: int, inverse: RidgeInverses, start=None, shard=None):
     """Steps 2–4 on the normalised problem; returns the last primal ``B`` and the schedule's final state.
 
     ``start`` (a sparse ``Wn``-scaled matrix with ``k`` nonzeros; handed over in a one-element list, so that no caller
@@ -203,10 +205,12 @@ def admm(Wn, Hn, k: int, nm, rho: float, max_iterations: int, inverse: RidgeInve
 
     Working set (what a ``d_in``-wide projection holds besides ``Hn`` and one inverse): ``Wn``, ``B``, ``D``, ``V``
     between steps — each iterate is dropped as soon as the next step no longer reads it, the B-step writes its
-    operand into ``D``'s memory, and nothing is kept for a restart (a cold restart recomputes ``P_k(Wn)``)."""
+    operand into ``D``'s memory, and nothing is kept for a restart (a cold restart recomputes ``P_k(Wn)``).
+
+    ``shard``: ``Wn`` (and ``start``) are this process's rows; projections and support changes count all rows."""
 
     def cold():
-        D, support = _project(Wn, k, nm)
+        D, support = _project(Wn, k, nm, shard)
         return Wn, D, torch.zeros_like(Wn), support
 
     warm = start is not None
@@ -226,13 +230,13 @@ def admm(Wn, Hn, k: int, nm, rho: float, max_iterations: int, inverse: RidgeInve
         solved = False
         Z = torch.add(B, V, alpha=1.0 / rho)
         D = V = None  # read by nothing after Z
-        D, support = _project(Z, k, nm)
+        D, support = _project(Z, k, nm, shard)
         V = Z.sub_(D).mul_(rho)  # V + ρ(B − D) = ρ(Z − D)
         del Z
         done = iteration + 1
         if done % UPDATE_EVERY:
             continue
-        delta = int(torch.count_nonzero(support != last_support))
+        delta = total(int(torch.count_nonzero(support != last_support)), shard)
         ratio = delta / k
         step = rho_step(rho, delta, k, growing, iteration)
         rho, growing = step.rho, step.growing
@@ -256,20 +260,23 @@ def _kept(shape: tuple[int, int], sparsity: float, nm) -> int:
     return rows * cols - n * (rows * cols // m)
 
 
-def already_pruned(weight: torch.Tensor, stats, sparsity: float, nm, info: dict | None, dampening: float):
+def already_pruned(weight: torch.Tensor, stats, sparsity: float, nm, info: dict | None, dampening: float, shard=None):
     """``weight`` with its dead inputs zeroed when that already holds the target's zeros (at least
     ``round(s·numel)``, or ``n`` in every group of ``m``), else None. Such a matrix is its own optimum (layer loss
     0); ADMM and CG would return it only up to float32 rounding, and where a kept weight is smaller than that
     rounding (or a dead input freed a place in the support) they fill the support from the noise at existing
-    zeros — ±1e-6 weights where the matrix had exact zeros. So it is returned as it is."""
+    zeros — ±1e-6 weights where the matrix had exact zeros. So it is returned as it is. (``shard``: ``weight`` is
+    this process's rows; the zeros of every process's rows are counted.)"""
     held = weight.masked_fill(torch.diag(stats.hessian).to(weight.device) == 0, 0.0)
     zero = held == 0
     if nm:
         n, m = nm
         _kept(weight.shape, sparsity, nm)  # the N:M shape check
-        enough = bool((torch.count_nonzero(zero.reshape(weight.shape[0], -1, m), dim=-1) >= n).all())
+        short = int(torch.count_nonzero(torch.count_nonzero(zero.reshape(weight.shape[0], -1, m), dim=-1) < n))
+        enough = total(short, shard) == 0
     else:
-        enough = int(torch.count_nonzero(zero)) >= weight.numel() - _kept(weight.shape, sparsity, nm)
+        shape = _shape(weight, shard)
+        enough = total(int(torch.count_nonzero(zero)), shard) >= shape[0] * shape[1] - _kept(shape, sparsity, nm)
     if not enough:
         return None
     if info is not None:
@@ -291,34 +298,45 @@ def alps_prune(
     cg_iterations: int = 10,
     dampening: float = 0.01,
     start: torch.Tensor | None = None,
+    shard=None,
     **_,
 ) -> torch.Tensor:
     """ALPS; ``start`` (pruned weights with exactly the target's zeros, e.g. SparseGPT's) warm-starts ADMM at that
     support instead of ``P_k(Wn)`` (see ``admm``). ``info``: the schedule's state and CG steps; with
-    ``info["measure_error"]`` also the damped relative errors after ADMM and after CG."""
+    ``info["measure_error"]`` also the damped relative errors after ADMM and after CG. ``shard`` (a ``RowShard``):
+    ``weight`` and ``start`` are this process's rows of the matrix, and the result is those rows of the one-process
+    result (the top-k and the schedule's counts are taken over every process's rows)."""
     starts = [] if start is None else [start]
-    return _alps(weight, stats, sparsity, nm, info, rho, max_iterations, cg_iterations, dampening, starts)
+    return _alps(weight, stats, sparsity, nm, info, rho, max_iterations, cg_iterations, dampening, starts, shard)
 
 
-def _alps(weight, stats, sparsity, nm, info, rho, max_iterations, cg_iterations, dampening, starts: list):
+def _shape(weight: torch.Tensor, shard) -> tuple[int, int]:
+    """The whole matrix's shape (``weight`` may be one process's rows of it)."""
+    return (weight.shape[0] if shard is None else shard.rows, weight.shape[1])
+
+
+def _alps(weight, stats, sparsity, nm, info, rho, max_iterations, cg_iterations, dampening, starts: list, shard=None):
     """``alps_prune``'s body; ``starts`` holds the warm start (or nothing) and is emptied, so a start made for this
     call (``alps_warm``'s SparseGPT weights) is held by nothing once it is scaled."""
-    k = _kept(weight.shape, sparsity, nm)
-    if k == weight.numel() or k == 0:
+    shape = _shape(weight, shard)
+    k = _kept(shape, sparsity, nm)
+    if k == shape[0] * shape[1] or k == 0:
         return weight.clone() if k else torch.zeros_like(weight)
-    held = already_pruned(weight, stats, sparsity, nm, info, dampening)
+    held = already_pruned(weight, stats, sparsity, nm, info, dampening, shard)
     if held is not None:
         return held
     Wn, Hn, x = normalized_weights(weight, stats, dampening)
     inverse = RidgeInverses(Hn, stats.cache, (dampening, str(weight.device)))
     box = [starts.pop().float() * x] if starts else None  # ADMM frees the scaled start once its iterates move on
-    B, state = admm(Wn, Hn, k, nm, rho, max_iterations, inverse, box)
-    B, support = _project(B, k, nm)
+    B, state = admm(Wn, Hn, k, nm, rho, max_iterations, inverse, box, shard)
+    B, support = _project(B, k, nm, shard)
     if getattr(stats, "final_read", False):  # CG needs no inverse, and no later projection reads them
         inverse.store.clear()
     if info is not None:
         info.update(state, dampening=dampening)
-    B = refit_on_support(Wn, None, Hn, B, support, cg_iterations, CG_RTOL, info, "error_admm", stop="unmasked")
+    B = refit_on_support(
+        Wn, None, Hn, B, support, cg_iterations, CG_RTOL, info, "error_admm", stop="unmasked", shard=shard
+    )
     return (B / x).masked_fill(~support, 0.0).to(weight.dtype)
 
 
@@ -335,6 +353,7 @@ def alps_warm_prune(
     dampening: float = 0.01,
     block_size: int = 128,
     saliency: str = "obs",
+    shard=None,
     **_,
 ) -> torch.Tensor:
     """ALPS warm-started from SparseGPT: SparseGPT's weights are the first ADMM split ``D₀`` (with the dual
@@ -352,13 +371,14 @@ def alps_warm_prune(
     4.358 / 4.428 at 70 %, and only the shorter schedule stays within 1.5× of SparseGPT's prune time. Too few
     iterations at a small ρ₀ move the support too far (ρ₀ 0.3 with 3 iterations is worse than SparseGPT at 70 %).
     """
-    if 0 < _kept(weight.shape, sparsity, nm) < weight.numel():
-        held = already_pruned(weight, stats, sparsity, nm, info, dampening)
+    shape = _shape(weight, shard)
+    if 0 < _kept(shape, sparsity, nm) < shape[0] * shape[1]:
+        held = already_pruned(weight, stats, sparsity, nm, info, dampening, shard)
         if held is not None:
             return held
-    starts = [sparsegpt_prune(weight, stats, sparsity, nm, dampening, block_size, info, saliency)]
-    return _alps(weight, stats, sparsity, nm, info, rho, max_iterations, cg_iterations, dampening, starts)
+    starts = [sparsegpt_prune(weight, stats, sparsity, nm, dampening, block_size, info, saliency, shard=shard)]
+    return _alps(weight, stats, sparsity, nm, info, rho, max_iterations, cg_iterations, dampening, starts, shard)
 
 
-register_method("alps", "unstructured", alps_prune, needs=("hessian",))
-register_method("alps_warm", "unstructured", alps_warm_prune, needs=("hessian",))
+register_method("alps", "unstructured", alps_prune, needs=("hessian",), rows=True)
+register_method("alps_warm", "unstructured", alps_warm_prune, needs=("hessian",), rows=True)

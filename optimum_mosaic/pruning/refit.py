@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..calibration.distributed import total, whole
 from ..registry import register_method
 from .sparsegpt import sparsegpt_prune
 
@@ -74,7 +75,7 @@ def normalized_problem(weight: torch.Tensor, stats, dampening: float):
 
 def masked_cg(
     A: torch.Tensor, Y: torch.Tensor | None, B: torch.Tensor, support: torch.Tensor, iterations: int, rtol: float,
-    stop: str = "masked", W: torch.Tensor | None = None,
+    stop: str = "masked", W: torch.Tensor | None = None, shard=None,
 ) -> tuple[torch.Tensor, int]:  # fmt: skip
     """Solve ``b_S A_SS = y_S`` for every row (``A`` symmetric positive definite) by conjugate gradient with the
     residual masked to the row's support ``S``; warm start ``B`` (zero off ``S``), updated in place. Returns (B, steps
@@ -88,7 +89,10 @@ def masked_cg(
 
     ``Y = W A`` may be given as ``W`` instead (``Y=None``): the start residual is then ``(W − B) A`` and ``Y`` is
     never formed unless a stopping test needs it — for the unmasked test only once the bound
-    ``‖Y_{:,j}‖ ≤ ‖W‖_F ‖A_{:,j}‖`` no longer rules it out (one product by ``A`` fewer)."""
+    ``‖Y_{:,j}‖ ≤ ‖W‖_F ‖A_{:,j}‖`` no longer rules it out (one product by ``A`` fewer).
+
+    With ``shard`` the rows are this process's block: the steps are row by row, and the stopping tests (all rows,
+    column norms) are taken over every process's rows."""
     full = Y - B @ A if Y is not None else (W - B) @ A  # unmasked residual, kept by the same recurrence
     R = full * support
     if stop == "masked":
@@ -96,15 +100,15 @@ def masked_cg(
             Y = W @ A
         tol2 = (rtol**2) * (Y * support).square().sum(1) if rtol > 0 else torch.zeros(B.shape[0], device=B.device)
     elif Y is not None:
-        tol = rtol * Y.norm(dim=0)
+        tol = rtol * whole(Y, shard).norm(dim=0)
     else:  # an upper bound of rtol·‖Y_{:,j}‖; the exact value is formed only when the bound passes
-        tol, exact = rtol * float(W.norm()) * A.norm(dim=0), False
+        tol, exact = rtol * float(whole(W, shard).norm()) * A.norm(dim=0), False
     P = R.clone()
     rr = (R * R).sum(1)
     steps = 0
     AP, S = None, torch.empty_like(R)  # P·A and a scratch buffer, allocated once: every update below is in place
     for _ in range(iterations):
-        if stop == "masked" and bool((rr <= tol2).all()):
+        if stop == "masked" and total(int(torch.count_nonzero(~(rr <= tol2))), shard) == 0:
             break
         AP = torch.matmul(P, A, out=AP) if AP is not None else P @ A
         den = torch.mul(P, AP, out=S).sum(1)
@@ -118,22 +122,23 @@ def masked_cg(
         rr = rr_new
         steps += 1
         if stop == "unmasked":
-            norms = full.norm(dim=0)
+            norms = whole(full, shard).norm(dim=0)
             if Y is None and not exact and bool((norms <= tol).all()):
-                tol, exact = rtol * (W @ A).norm(dim=0), True
+                tol, exact = rtol * whole(W @ A, shard).norm(dim=0), True
             if bool((norms <= tol).all()):
                 break
     return B, steps
 
 
-def relative_error(Hn: torch.Tensor, B: torch.Tensor, Wn: torch.Tensor, base: float) -> float:
-    """``tr((B − Wn) Hn (B − Wn)ᵀ) / base`` — the damped layer loss, relative to ``base = tr(Wn Hn Wnᵀ)``."""
+def relative_error(Hn: torch.Tensor, B: torch.Tensor, Wn: torch.Tensor, base: float, shard=None) -> float:
+    """``tr((B − Wn) Hn (B − Wn)ᵀ) / base`` — the damped layer loss, relative to ``base = tr(Wn Hn Wnᵀ)`` (with
+    ``shard``: summed over every process's rows)."""
     E = B - Wn
-    return float(((E @ Hn) * E).sum()) / base if base > 0 else 0.0
+    return total(float(((E @ Hn) * E).sum()), shard) / base if base > 0 else 0.0
 
 
 def refit_on_support(
-    Wn, Y, Hn, B, support, iterations: int, rtol: float, info: dict | None, before: str, stop="masked"
+    Wn, Y, Hn, B, support, iterations: int, rtol: float, info: dict | None, before: str, stop="masked", shard=None
 ):
     """Masked CG from ``B`` on ``support`` (``info``: steps taken); ``Y = Wn Hn`` may be None (see ``masked_cg``).
     With ``info["measure_error"]`` also the damped relative errors ``info[before]`` and ``info["error"]``: products
@@ -141,14 +146,14 @@ def refit_on_support(
     measure = info is not None and info.get("measure_error", False)
     if measure and Y is None:
         Y = Wn @ Hn
-    base = float((Wn * Y).sum()) if measure else 0.0
+    base = total(float((Wn * Y).sum()), shard) if measure else 0.0
     if measure:
-        info[before] = relative_error(Hn, B, Wn, base)
-    B, steps = masked_cg(Hn, Y, B, support, iterations, rtol, stop=stop, W=Wn)
+        info[before] = relative_error(Hn, B, Wn, base, shard)
+    B, steps = masked_cg(Hn, Y, B, support, iterations, rtol, stop=stop, W=Wn, shard=shard)
     if info is not None:
         info["cg_iterations"] = steps
     if measure:
-        info["error"] = relative_error(Hn, B, Wn, base)
+        info["error"] = relative_error(Hn, B, Wn, base, shard)
     return B
 
 
@@ -161,13 +166,16 @@ def refit(
     dampening: float = 0.01,
     rtol: float = 1e-6,
     info: dict | None = None,
+    shard=None,
 ) -> torch.Tensor:
     """Re-solve the nonzeros of ``pruned`` (the support) for the dense ``weight`` by masked CG, warm-started from
     ``pruned``; at most ``iterations`` steps (``info``: steps taken; with ``info["measure_error"]`` also the damped
     relative error before and after)."""
     Wn, Y, Hn, x = normalized_problem(weight, stats, dampening)
     support = pruned != 0
-    B = refit_on_support(Wn, Y, Hn, pruned.float() * x, support, iterations, rtol, info, "error_before_refit")
+    B = refit_on_support(
+        Wn, Y, Hn, pruned.float() * x, support, iterations, rtol, info, "error_before_refit", shard=shard
+    )
     return (B / x).masked_fill(~support, 0.0).to(weight.dtype)
 
 
@@ -182,6 +190,7 @@ def sparsegpt_refit_prune(
     saliency: str = "obs",
     cg_iterations: int = 10,
     info: dict | None = None,
+    shard=None,
     **_,
 ) -> torch.Tensor:
     """SparseGPT's mask and weights, then the kept weights re-solved jointly on that mask (``refit``).
@@ -189,8 +198,8 @@ def sparsegpt_refit_prune(
     SparseGPT compensates each pruned weight only on the columns to its right (its sweep is one pass of
     sequential OBS), so the kept weights are not the least-squares optimum for the final mask; ``cg_iterations``
     masked-CG steps from SparseGPT's weights move them towards it (the exact optimum in the limit)."""
-    pruned = sparsegpt_prune(weight, stats, sparsity, nm, dampening, block_size, info, saliency)
-    return refit(weight, pruned, stats, cg_iterations, dampening, info=info)
+    pruned = sparsegpt_prune(weight, stats, sparsity, nm, dampening, block_size, info, saliency, shard=shard)
+    return refit(weight, pruned, stats, cg_iterations, dampening, info=info, shard=shard)
 
 
-register_method("sparsegpt_refit", "unstructured", sparsegpt_refit_prune, needs=("hessian",))
+register_method("sparsegpt_refit", "unstructured", sparsegpt_refit_prune, needs=("hessian",), rows=True)

@@ -5,15 +5,20 @@ Cholesky factor of ``(H + δ·mean(diag H)·I)⁻¹`` (``UᵀU = H⁻¹``). Per 
 the ``k`` lowest ``w² / U_jj²`` over the whole block (N:M: per row, every M columns); then, column by
 column, ``err = (w_j − q_j) / U_jj`` and ``W[:, j:] −= err ⊗ U[j, j:]``, the rest of the matrix
 catching up once per block. ``k`` is exact: blocks get ``round(s·rows·i2) − round(s·rows·i1)`` zeros.
+With ``shard`` (a ``RowShard``) this process sweeps its block of rows and each block's mask is chosen on the
+gathered scores of all rows: the rows of the one-process result.
 Deviation: the reference thresholds with ``<=`` at index k, pruning k+1 (or more on ties).
 ``saliency="isc"`` scores the mask with ``w²·(H_jj + 1/U_jj²)`` (Shao et al., ICASSP 2024) instead.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from transformers.utils import logging
 
+from ..calibration.distributed import on_whole
 from ..registry import register_method
 from .masks import lowest_k_mask, nm_mask
 
@@ -93,10 +98,12 @@ def sparsegpt_prune(
     block_size: int = 128,
     info: dict | None = None,
     saliency: str = "obs",
+    shard=None,
     **_,
 ) -> torch.Tensor:
     W, h, U, damp = prepare_obs(weight, stats, dampening, nm, block_size, info, "SparseGPT")
-    rows, cols = W.shape
+    cols = W.shape[1]
+    rows = W.shape[0] if shard is None else shard.rows
     h_diag = h + damp * h.mean()  # the damped H_jj, for the ISC score
 
     for i1 in range(0, cols, block_size):
@@ -107,7 +114,7 @@ def sparsegpt_prune(
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
         else:
             k = round(sparsity * rows * i2) - round(sparsity * rows * i1)
-            mask1 = lowest_k_mask(mask_scores(W1, d, h1, saliency), k)
+            mask1 = on_whole(functools.partial(lowest_k_mask, k=k), mask_scores(W1, d, h1, saliency), shard)
         Err1 = torch.empty_like(W1)
         # two-level lazy updates: column by column inside a sub-block, one GEMM for the rest of the block
         sub = -(-SUB_BLOCK // nm[1]) * nm[1] if nm else SUB_BLOCK
@@ -137,4 +144,4 @@ def mask_scores(W: torch.Tensor, d: torch.Tensor, h_diag: torch.Tensor, kind: st
     raise ValueError(f"saliency must be 'obs' or 'isc', got {kind!r}")
 
 
-register_method("sparsegpt", "unstructured", sparsegpt_prune, needs=("hessian",))
+register_method("sparsegpt", "unstructured", sparsegpt_prune, needs=("hessian",), rows=True)

@@ -47,9 +47,9 @@ def test_the_warm_start_is_freed_before_the_first_b_step(monkeypatch):
         refs.append(weakref.ref(out))
         return out
 
-    def admm(Wn, Hn, k, nm, rho, iterations, inverse, box):
+    def admm(Wn, Hn, k, nm, rho, iterations, inverse, box, shard=None):
         refs.append(weakref.ref(box[0]))
-        return original_admm(Wn, Hn, k, nm, rho, iterations, inverse, box)
+        return original_admm(Wn, Hn, k, nm, rho, iterations, inverse, box, shard)
 
     def b_step(*args, **kwargs):
         seen.append([r() is None for r in refs])
