@@ -2,7 +2,8 @@
 
 Each process runs the model over its share of the calibration windows; the statistics are sums (‖X_j‖², XᵀX),
 all-reduced over gloo before use; each process then solves a share of every layer's projections and broadcasts
-the results, so every process ends with the same model. That
+the results (a projection that outweighs a process's share, such as ``down_proj``, alone in its input group, is
+solved by all processes, a block of its rows each), so every process ends with the same model. That
 model (and its masks) is the one a single process produces only when every process and the single process use
 the same number of torch threads: the float32 forwards round differently at another thread count, and weights
 near the threshold then change sides. The launchers and a plain ``python`` run pick different counts when

@@ -194,7 +194,8 @@ ROW_KERNELS = {
     "sparsegpt_refit": dict(block_size=8, cg_iterations=4),
     "alps": dict(max_iterations=40, cg_iterations=5),
     "alps 2:4": dict(max_iterations=12, nm=(2, 4), name="alps"),
-    "alps_warm": dict(block_size=8),
+    "alps_warm": dict(block_size=8),  # processes 0 and 1 each make one factorisation and broadcast it
+    "alps_warm, last reader": dict(block_size=8, name="alps_warm", final=True),  # H's memory becomes Hn
 }
 
 
@@ -213,14 +214,38 @@ def _row_kernel_results(shard):
     for label, options in ROW_KERNELS.items():
         options = dict(options)
         method = get_method("unstructured", options.pop("name", label))
+        final = options.pop("final", False)
         sparsity = 0.5 if "nm" in options else 0.6
         for start in ("dense", "pruned"):
             w = weight if start == "dense" else results[(label, "dense")][0]
-            info = {}
+            info, stats = {}, _row_problem()[1]
+            stats.final_read = final
             local = w if shard is None else shard.local(w)
-            out = method.fn(local, _row_problem()[1], sparsity, info=info, shard=shard, **options)
+            out = method.fn(local, stats, sparsity, info=info, shard=shard, **options)
             results[(label, start)] = (out if shard is None else shard.gather(out), info)
     return results
+
+
+def _check_shared_factorisations(shard) -> None:
+    """Process 0 makes SparseGPT's factor, process 1 the ridge inverse; each ends with both, equal to its own."""
+    from optimum_mosaic.pruning import alps, refit, sparsegpt
+
+    made, original = [], alps.make_obs_factor
+    alps.make_obs_factor = lambda *a, **k: made.append("U") or original(*a, **k)
+    try:
+        stats = _row_problem()[1]
+        stats.final_read = True  # process 1 builds Hn in H's memory
+        alps.share_factorisations(stats, 0.01, 0.5, torch.device("cpu"), shard)
+    finally:
+        alps.make_obs_factor = original
+    assert made == (["U"] if shard.rank == 0 else []) and (stats.hessian is None) == (shard.rank == 1)
+    fresh = _row_problem()[1]
+    mine = stats.cache[sparsegpt.obs_key(0.01, "cpu")]
+    made_here = original(fresh, 0.01, "cpu")
+    assert all(torch.equal(a, b) if torch.is_tensor(a) else a == b for a, b in zip(mine, made_here, strict=True))
+    assert mine[2].stride() == (1, 24)  # the layout of the factor process 0 made, so its products round alike
+    inverse = alps.RidgeInverses(refit.normalized_hessian(fresh, 0.01, "cpu").Hn, {}, ("fresh",))(0.5)
+    assert torch.equal(stats.cache[("ridge_inverses", 0.01, "cpu")][0.5], inverse)
 
 
 def _row_kernel_worker(rank: int, init_file: str, out: str) -> None:
@@ -231,6 +256,7 @@ def _row_kernel_worker(rank: int, init_file: str, out: str) -> None:
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=timedelta(seconds=60)
     )
     try:
+        _check_shared_factorisations(RowShard(rank, 2, 37))
         results = _row_kernel_results(RowShard(rank, 2, 37))
         if rank == 0:
             torch.save(results, out)

@@ -70,8 +70,8 @@ import torch
 from ..calibration.distributed import on_whole, total
 from ..registry import register_method
 from .masks import kth_smallest
-from .refit import normalized_weights, refit_on_support
-from .sparsegpt import sparsegpt_prune
+from .refit import normalized_hessian, normalized_weights, refit_on_support
+from .sparsegpt import make_obs_factor, obs_key, sparsegpt_prune
 
 RHO_MAX = 1e6
 UPDATE_EVERY = 3
@@ -158,9 +158,13 @@ class RidgeInverses:
 
     def __init__(self, Hn: torch.Tensor, cache: dict, key):
         self.Hn, self.store = Hn, cache.setdefault(("ridge_inverses", *key), {})
+        self.shared = cache.setdefault(("ridge_shared", *key), set())  # made for this solve by another process
         self.made = 0
 
     def __call__(self, rho: float) -> torch.Tensor:
+        if rho in self.shared:  # counted as made here, as it would be in one process
+            self.shared.discard(rho)
+            self.made += 1
         if rho not in self.store:
             while self.store and (len(self.store) + 1) * self.Hn.numel() * self.Hn.element_size() > CACHE_BYTES:
                 self.store.pop(next(iter(self.store)))
@@ -315,14 +319,18 @@ def _shape(weight: torch.Tensor, shard) -> tuple[int, int]:
     return (weight.shape[0] if shard is None else shard.rows, weight.shape[1])
 
 
-def _alps(weight, stats, sparsity, nm, info, rho, max_iterations, cg_iterations, dampening, starts: list, shard=None):
+def _alps(
+    weight, stats, sparsity, nm, info, rho, max_iterations, cg_iterations, dampening, starts: list, shard=None,
+    checked: bool = False,
+):  # fmt: skip
     """``alps_prune``'s body; ``starts`` holds the warm start (or nothing) and is emptied, so a start made for this
-    call (``alps_warm``'s SparseGPT weights) is held by nothing once it is scaled."""
+    call (``alps_warm``'s SparseGPT weights) is held by nothing once it is scaled. ``checked``: the caller has
+    already asked ``already_pruned``."""
     shape = _shape(weight, shard)
     k = _kept(shape, sparsity, nm)
     if k == shape[0] * shape[1] or k == 0:
         return weight.clone() if k else torch.zeros_like(weight)
-    held = already_pruned(weight, stats, sparsity, nm, info, dampening, shard)
+    held = None if checked else already_pruned(weight, stats, sparsity, nm, info, dampening, shard)
     if held is not None:
         return held
     Wn, Hn, x = normalized_weights(weight, stats, dampening)
@@ -372,12 +380,46 @@ def alps_warm_prune(
     iterations at a small ρ₀ move the support too far (ρ₀ 0.3 with 3 iterations is worse than SparseGPT at 70 %).
     """
     shape = _shape(weight, shard)
-    if 0 < _kept(shape, sparsity, nm) < shape[0] * shape[1]:
+    checked = 0 < _kept(shape, sparsity, nm) < shape[0] * shape[1]
+    if checked:
         held = already_pruned(weight, stats, sparsity, nm, info, dampening, shard)
         if held is not None:
             return held
+        if shard is not None and shard.size > 1 and max_iterations > 1:
+            share_factorisations(stats, dampening, rho, weight.device, shard)
     starts = [sparsegpt_prune(weight, stats, sparsity, nm, dampening, block_size, info, saliency, shard=shard)]
-    return _alps(weight, stats, sparsity, nm, info, rho, max_iterations, cg_iterations, dampening, starts, shard)
+    args = (info, rho, max_iterations, cg_iterations, dampening, starts, shard, checked)
+    return _alps(weight, stats, sparsity, nm, *args)
+
+
+def share_factorisations(stats, dampening: float, rho: float, device, shard) -> None:
+    """The two factorisations of ``H`` a warm solve needs before its first ADMM product — SparseGPT's ``U`` and
+    ``(Hn + ρ₀I)⁻¹``, each ``≈ n³`` flops that every process sharing the rows would otherwise repeat — made once each,
+    on processes 0 and 1 at the same time, and broadcast: the same bits as making both (one LAPACK call on the same
+    inputs), cached where ``prepare_obs`` and ``RidgeInverses`` look for them. Costs each process one more ``n × n``
+    buffer during SparseGPT's sweep (the inverse is held from the start)."""
+    obs_src, ridge_src = 0, 1
+    n, key = stats.hessian.shape[0], obs_key(dampening, device)
+    if shard.rank == obs_src:
+        factor = stats.cache.get(key) or make_obs_factor(stats, dampening, device, "ALPS-warm")
+        U_t, damp = factor[2].mT, torch.tensor([factor[3]], dtype=torch.float64)
+    else:  # the factor's diagonal and dead inputs, taken before ``normalized_hessian`` may reuse H's memory
+        h = torch.diag(stats.hessian).to(device, torch.float32)
+        dead = h == 0
+        U_t, damp = torch.empty((n, n), device=device), torch.zeros(1, dtype=torch.float64)
+    ridge = (dampening, str(device))
+    if shard.rank == ridge_src:
+        inverse = RidgeInverses(normalized_hessian(stats, dampening, device).Hn, stats.cache, ridge)(rho)
+    else:
+        inverse = torch.empty((n, n), device=device)
+    shard.broadcast(U_t, obs_src)  # U is column-major (LAPACK's): its transpose is the dense row-major buffer
+    shard.broadcast(damp, obs_src)
+    shard.broadcast(inverse, ridge_src)
+    if shard.rank != obs_src:
+        factor = (h.masked_fill(dead, 1.0), dead, U_t.mT, float(damp))
+    stats.cache[key] = factor
+    stats.cache.setdefault(("ridge_inverses", *ridge), {})[rho] = inverse
+    stats.cache.setdefault(("ridge_shared", *ridge), set()).add(rho)
 
 
 register_method("alps", "unstructured", alps_prune, needs=("hessian",), rows=True)

@@ -59,26 +59,37 @@ def inverse_hessian_factor(H: torch.Tensor, dampening: float, max_retries: int =
     )
 
 
+def make_obs_factor(stats, dampening: float, device, method: str = "SparseGPT") -> tuple:
+    """``(diag H, dead, U, δ)`` from ``stats.hessian``: the diagonal with never-active inputs set to ``H_jj = 1`` (their
+    weights are useless and would make H singular), those inputs, the factor ``U`` and the dampening it needed."""
+    H = stats.hessian.to(device, torch.float32)
+    dead = torch.diag(H) == 0
+    if dead.any():
+        H = H.clone()
+        H[dead, dead] = 1.0
+    U, damp = inverse_hessian_factor(H, dampening)
+    if damp != dampening:
+        logger.warning("%s: Cholesky needed dampening %g instead of %g", method, damp, dampening)
+    return torch.diag(H).clone(), dead, U, damp
+
+
+def obs_key(dampening: float, device) -> tuple:
+    return ("obs_factor", dampening, str(device))
+
+
 def prepare_obs(weight, stats, dampening: float, nm, block_size: int, info: dict | None, method: str):
-    """``(W, diag H, U, δ)`` shared by the OBS kernels: an fp32 copy of the weight, the diagonal of ``H`` with
-    never-active inputs set to ``H_jj = 1`` (their weights zeroed: they are useless and would make H singular), the
-    factor ``U`` and the dampening actually used (recorded in ``info``). The factor is cached on ``stats``, so projections that share an
-    input (q, k, v; gate, up) pay for one factorisation — except for the last of them (``stats.final_read``)."""
+    """``(W, diag H, U, δ)`` shared by the OBS kernels: an fp32 copy of the weight (never-active inputs zeroed), the
+    diagonal of ``H`` and the factor ``U`` (``make_obs_factor``) and the dampening actually used (recorded in
+    ``info``). The factor is cached on ``stats``, so projections that share an input (q, k, v; gate, up) pay for one
+    factorisation; the last of them (``stats.final_read``) takes it out of the cache, so it is freed with this call."""
     if nm and block_size % nm[1]:
         raise ValueError(f"block_size {block_size} must be a multiple of M={nm[1]} for an N:M pattern")
-    key = ("obs_factor", dampening, str(weight.device))
-    factor = stats.cache.get(key)
+    key = obs_key(dampening, weight.device)
+    final = getattr(stats, "final_read", False)
+    factor = stats.cache.pop(key, None) if final else stats.cache.get(key)
     if factor is None:
-        H = stats.hessian.to(weight.device, torch.float32)
-        dead = torch.diag(H) == 0
-        if dead.any():
-            H = H.clone()
-            H[dead, dead] = 1.0
-        U, damp = inverse_hessian_factor(H, dampening)
-        if damp != dampening:
-            logger.warning("%s: Cholesky needed dampening %g instead of %g", method, damp, dampening)
-        factor = (torch.diag(H).clone(), dead, U, damp)
-        if not getattr(stats, "final_read", False):  # no later projection reads it: freed with this call
+        factor = make_obs_factor(stats, dampening, weight.device, method)
+        if not final:
             stats.cache[key] = factor
     h, dead, U, damp = factor
     W = weight.detach().clone().float()
