@@ -2,6 +2,7 @@
 once, all-reduced statistics equal those of one process over every window, and ``collect_statistics`` reduces
 its inputs in one order on every process, whatever order each process lists them in."""
 
+import contextlib
 from datetime import timedelta
 
 import pytest
@@ -26,12 +27,21 @@ def _stats(x: torch.Tensor) -> InputStatistics:
     return stats
 
 
-def _worker(rank: int, init_file: str) -> None:
+@contextlib.contextmanager
+def _gloo(rank: int, init_file: str, timeout: int = 60):
+    """This forked process as ``rank`` of 2 gloo processes, one torch thread, for the block."""
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=timedelta(seconds=60)
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=timedelta(seconds=timeout)
     )
     try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _worker(rank: int, init_file: str) -> None:
+    with _gloo(rank, init_file):
         assert world() == (rank, 2)
         ids = torch.arange(9).view(9, 1)
         shards = [None, None]
@@ -56,8 +66,6 @@ def _worker(rank: int, init_file: str) -> None:
         assert stats["second"].hessian.shape == (12, 12)
         torch.testing.assert_close(stats["second"].hessian, _stats(layer[0](x)).finalize().hessian)
         assert torch.equal(out, layer(shard))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_processes_reduce_to_the_one_process_statistics(tmp_path):
@@ -112,11 +120,7 @@ def _tiny_prune(options: dict, calls: list | None = None):
 
 
 def _prune_worker(rank: int, init_file: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=timedelta(seconds=120)
-    )
-    try:
+    with _gloo(rank, init_file, 120):
         results = {}
         for name, options in PRUNES.items():
             calls = []
@@ -130,8 +134,6 @@ def _prune_worker(rank: int, init_file: str, out: str) -> None:
         assert all(torch.equal(mine[n][k], theirs[0][n][k]) for n in mine for k in mine[n])
         if rank == 0:
             torch.save(results, out)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_processes_share_the_solves_and_match_one_process(tmp_path, one_thread):
@@ -251,17 +253,11 @@ def _check_shared_factorisations(shard) -> None:
 def _row_kernel_worker(rank: int, init_file: str, out: str) -> None:
     from optimum_mosaic.calibration.distributed import RowShard
 
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=timedelta(seconds=60)
-    )
-    try:
+    with _gloo(rank, init_file):
         _check_shared_factorisations(RowShard(rank, 2, 37))
         results = _row_kernel_results(RowShard(rank, 2, 37))
         if rank == 0:
             torch.save(results, out)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_row_kernels_on_two_processes_equal_one_process(tmp_path, one_thread):

@@ -95,10 +95,10 @@ def split_solves(shapes: dict[str, tuple[int, int]], size: int, rows: bool = Fal
     owners = {}
     total = sum(solve_cost(s) for s in shapes.values())
     for name in sorted(shapes, key=lambda n: -solve_cost(shapes[n])):  # stable: equal costs keep their order
-        r, c = shapes[name]
-        if rows and size > 1 and r >= size and solve_cost(shapes[name]) * size > total:
+        height, width = shapes[name]
+        if rows and size > 1 and height >= size and solve_cost(shapes[name]) * size > total:
             owners[name] = ROWS
-            load = [x + r * c * c // size + c**3 for x in load]
+            load = [x + height * width * width // size + width**3 for x in load]
             continue
         rank = min(range(size), key=lambda r: (load[r], r))
         owners[name] = rank
