@@ -198,8 +198,8 @@ CLAIMS = {
     ),
     "packed format": (rf"rows·4` bytes: {NUMBER}× dense fp32 at 70 %", packed_bytes),
     "processes": (
-        rf"2 processes × 1 thread prune SmolLM2-135M {NUMBER}× faster than one process end to end, one"
-        rf" Llama-3-8B-shaped layer only {NUMBER}× at (\d+) × 2048 tokens",
+        rf"2 processes × 1 thread prune SmolLM2-135M {NUMBER}× faster than one process end to\s+end, one"
+        rf" Llama-3-8B-shaped layer {NUMBER}× at (\d+) × 2048 tokens",
         distributed,
     ),
     "scale, Llama-3-8B layer": (
