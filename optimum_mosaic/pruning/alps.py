@@ -402,11 +402,11 @@ def share_factorisations(stats, dampening: float, rho: float, device, shard) -> 
     n, key = stats.hessian.shape[0], obs_key(dampening, device)
     if shard.rank == obs_src:
         factor = stats.cache.get(key) or make_obs_factor(stats, dampening, device, "ALPS-warm")
-        U_t, damp = factor[2].mT, torch.tensor([factor[3]], dtype=torch.float64)
+        U_t, damp = factor[2].mT, torch.tensor([factor[3]], dtype=torch.float64, device=device)
     else:  # the factor's diagonal and dead inputs, taken before ``normalized_hessian`` may reuse H's memory
         h = torch.diag(stats.hessian).to(device, torch.float32)
         dead = h == 0
-        U_t, damp = torch.empty((n, n), device=device), torch.zeros(1, dtype=torch.float64)
+        U_t, damp = torch.empty((n, n), device=device), torch.zeros(1, dtype=torch.float64, device=device)
     ridge = (dampening, str(device))
     if shard.rank == ridge_src:
         inverse = RidgeInverses(normalized_hessian(stats, dampening, device).Hn, stats.cache, ridge)(rho)
