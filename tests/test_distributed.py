@@ -230,16 +230,16 @@ def _row_kernel_results(shard):
 
 def _check_shared_factorisations(shard) -> None:
     """Process 0 makes SparseGPT's factor, process 1 the ridge inverse; each ends with both, equal to its own."""
-    from optimum_mosaic.pruning import alps, refit, sparsegpt
+    from optimum_mosaic.pruning import alps, refit, ridge, sparsegpt
 
-    made, original = [], alps.make_obs_factor
-    alps.make_obs_factor = lambda *a, **k: made.append("U") or original(*a, **k)
+    made, original = [], ridge.make_obs_factor
+    ridge.make_obs_factor = lambda *a, **k: made.append("U") or original(*a, **k)
     try:
         stats = _row_problem()[1]
         stats.final_read = True  # process 1 builds Hn in H's memory
-        alps.share_factorisations(stats, 0.01, 0.5, torch.device("cpu"), shard)
+        ridge.share_factorisations(stats, 0.01, 0.5, torch.device("cpu"), shard)
     finally:
-        alps.make_obs_factor = original
+        ridge.make_obs_factor = original
     assert made == (["U"] if shard.rank == 0 else []) and (stats.hessian is None) == (shard.rank == 1)
     fresh = _row_problem()[1]
     mine = stats.cache[sparsegpt.obs_key(0.01, "cpu")]

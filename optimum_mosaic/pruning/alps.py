@@ -70,15 +70,15 @@ import torch
 from ..calibration.distributed import on_whole, total
 from ..registry import register_method
 from .masks import kth_smallest
-from .refit import normalized_hessian, normalized_weights, refit_on_support
-from .sparsegpt import make_obs_factor, obs_key, sparsegpt_prune
+from .refit import normalized_weights, refit_on_support
+from .ridge import RidgeInverses, share_factorisations
+from .sparsegpt import sparsegpt_prune
 
 RHO_MAX = 1e6
 UPDATE_EVERY = 3
 SWITCH_ITERATION = 30
 STOP_RATIO = 3e-4
 CG_RTOL = 1e-4
-CACHE_BYTES = 1 << 30  # ridge inverses kept per input group (the oldest dropped first)
 WARM_RHO, WARM_ITERATIONS, WARM_CG = 0.5, 6, 3  # alps_warm defaults: layer_error.py grid, then whole-model runs
 
 
@@ -143,48 +143,6 @@ def _project(Z: torch.Tensor, k: int, nm: tuple[int, int] | None, shard=None) ->
     else:
         support = on_whole(lambda scores: keep_top_k(scores, k), Z.abs(), shard)
     return Z * support, support
-
-
-class RidgeInverses:
-    """``(Hn + ρI)⁻¹`` for the ρ values a schedule visits: one float32 Cholesky factorisation and inverse per distinct
-    ρ, cached on ``stats.cache`` so projections sharing an input (q, k, v; gate, up) reuse the ones they have in
-    common (at most ``CACHE_BYTES`` of them per input group, the oldest dropped first: for a 576-wide input that is
-    every ρ of a schedule; for a very wide one, whose group has one member, sharing does not matter).
-
-    Replaces the reference's one float64 ``eigh`` + float32 re-assembly ``Q diag(1/(Λ+ρ)) Qᵀ`` per ρ: a Cholesky
-    inverse costs about one re-assembly (``d³`` flops against ``2d³``), the ``eigh`` itself (≈ 10 re-assemblies in
-    float64) disappears, and on the real layers it is closer to the float64 inverse (relative error ≤ 7e-5 at
-    ρ = 0.004 against 2e-3 for a float32 ``eigh``)."""
-
-    def __init__(self, Hn: torch.Tensor, cache: dict, key):
-        self.Hn, self.store = Hn, cache.setdefault(("ridge_inverses", *key), {})
-        self.shared = cache.setdefault(("ridge_shared", *key), set())  # made for this solve by another process
-        self.made = 0
-
-    def __call__(self, rho: float) -> torch.Tensor:
-        if rho in self.shared:  # counted as made here, as it would be in one process
-            self.shared.discard(rho)
-            self.made += 1
-        if rho not in self.store:
-            while self.store and (len(self.store) + 1) * self.Hn.numel() * self.Hn.element_size() > CACHE_BYTES:
-                self.store.pop(next(iter(self.store)))
-            n = self.Hn.shape[0]
-            # column-major, LAPACK's layout: into a row-major ``out=`` torch factorises (and inverts) a column-major
-            # copy and copies it back — one d × d temporary more per call (0.77 GiB at 14336), the same bits
-            A = torch.empty_strided((n, n), (1, n), dtype=self.Hn.dtype, device=self.Hn.device).copy_(self.Hn)
-            A.diagonal().add_(rho)
-            failed = torch.empty((), dtype=torch.int32, device=A.device)
-            torch.linalg.cholesky_ex(A, out=(A, failed))  # in place: one d × d buffer for A, L and the inverse
-            if failed:
-                A = self.Hn.double()
-                A.diagonal().add_(rho)
-                A = torch.linalg.inv(A).float()
-            else:
-                torch.cholesky_inverse(A, out=A)  # symmetric (both triangles written): its transpose is itself,
-                A = A.mT  # and that view is the row-major matrix the products expect
-            self.store[rho] = A
-            self.made += 1
-        return self.store[rho]
 
 
 def b_step(Wn, D, V, rho: float, inv: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
@@ -390,36 +348,6 @@ def alps_warm_prune(
     starts = [sparsegpt_prune(weight, stats, sparsity, nm, dampening, block_size, info, saliency, shard=shard)]
     args = (info, rho, max_iterations, cg_iterations, dampening, starts, shard, checked)
     return _alps(weight, stats, sparsity, nm, *args)
-
-
-def share_factorisations(stats, dampening: float, rho: float, device, shard) -> None:
-    """The two factorisations of ``H`` a warm solve needs before its first ADMM product — SparseGPT's ``U`` and
-    ``(Hn + ρ₀I)⁻¹``, each ``≈ n³`` flops that every process sharing the rows would otherwise repeat — made once each,
-    on processes 0 and 1 at the same time, and broadcast: the same bits as making both (one LAPACK call on the same
-    inputs), cached where ``prepare_obs`` and ``RidgeInverses`` look for them. Costs each process one more ``n × n``
-    buffer during SparseGPT's sweep (the inverse is held from the start)."""
-    obs_src, ridge_src = 0, 1
-    n, key = stats.hessian.shape[0], obs_key(dampening, device)
-    if shard.rank == obs_src:
-        factor = stats.cache.get(key) or make_obs_factor(stats, dampening, device, "ALPS-warm")
-        U_t, damp = factor[2].mT, torch.tensor([factor[3]], dtype=torch.float64, device=device)
-    else:  # the factor's diagonal and dead inputs, taken before ``normalized_hessian`` may reuse H's memory
-        h = torch.diag(stats.hessian).to(device, torch.float32)
-        dead = h == 0
-        U_t, damp = torch.empty((n, n), device=device), torch.zeros(1, dtype=torch.float64, device=device)
-    ridge = (dampening, str(device))
-    if shard.rank == ridge_src:
-        inverse = RidgeInverses(normalized_hessian(stats, dampening, device).Hn, stats.cache, ridge)(rho)
-    else:
-        inverse = torch.empty((n, n), device=device)
-    shard.broadcast(U_t, obs_src)  # U is column-major (LAPACK's): its transpose is the dense row-major buffer
-    shard.broadcast(damp, obs_src)
-    shard.broadcast(inverse, ridge_src)
-    if shard.rank != obs_src:
-        factor = (h.masked_fill(dead, 1.0), dead, U_t.mT, float(damp))
-    stats.cache[key] = factor
-    stats.cache.setdefault(("ridge_inverses", *ridge), {})[rho] = inverse
-    stats.cache.setdefault(("ridge_shared", *ridge), set()).add(rho)
 
 
 register_method("alps", "unstructured", alps_prune, needs=("hessian",), rows=True)

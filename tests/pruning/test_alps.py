@@ -6,7 +6,7 @@ from conftest import correlated_problem as problem
 from conftest import hessian_stats
 from conftest import reconstruction_error as layer_error
 
-from optimum_mosaic.pruning import alps
+from optimum_mosaic.pruning import alps, ridge
 from optimum_mosaic.pruning.alps import alps_prune, keep_top_k, rho_step
 from optimum_mosaic.pruning.masks import lowest_k_mask
 from optimum_mosaic.pruning.refit import normalized_hessian, sparsegpt_refit_prune
@@ -155,7 +155,7 @@ def test_ridge_inverse_is_the_inverse():
 
 
 def test_ridge_inverse_cache_is_bounded(monkeypatch):
-    monkeypatch.setattr(alps, "CACHE_BYTES", 2 * 32 * 32 * 4)  # two 32 × 32 float32 inverses
+    monkeypatch.setattr(ridge, "CACHE_BYTES", 2 * 32 * 32 * 4)  # two 32 × 32 float32 inverses
     _, stats = problem(9)
     inverses = alps.RidgeInverses(normalized_hessian(stats, 0.01, "cpu").Hn, {}, ("k",))
     for rho in (0.1, 0.2, 0.3):
