@@ -99,7 +99,8 @@ class Pruner:
         Everything that can be checked before work is (config, batch size, sequence length against the model's
         positions, calibration data, ``save_directory``). ``overwrite``: replace a non-empty ``save_directory``
         that is not an optimum-mosaic checkpoint. If the prune fails, the model is restored as it was
-        (``restore_on_error=False`` skips the host-memory copy this takes, and leaves a failed model modified).
+        (``restore_on_error=False`` skips the copy of the decoder layers this takes — a temporary file beyond 256 MiB,
+        else host memory — and leaves a failed model modified).
         ``compressed``: save the projections in the bitmap format (see ``save_pruned``). ``batch_size``: calibration
         windows per layer forward (activation memory; the results do not depend on it); default: as many as keep one
         activation of the widest projection within 1 GiB (``windows_per_forward``).

@@ -1,0 +1,128 @@
+"""The copy a prune keeps to undo itself: large copies live in a temporary file (a large model is not held twice in
+host memory), small ones in memory; either way a failure restores every bit, and nothing is left behind."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import char_tokenizer, tiny_llama, token_windows
+from transformers.testing_utils import CaptureLogger
+
+from optimum_mosaic import PrunedConfig, Pruner, rollback
+from optimum_mosaic.rollback import FileCopy, ModelSnapshot
+
+X = token_windows(12, 32)
+SMALL = dict(nsamples=8, seqlen=32, block_size=32)
+
+
+class Boom(RuntimeError):
+    pass
+
+
+@pytest.fixture
+def tmp_tempdir(tmp_path, monkeypatch):
+    """``tempfile``'s directory for the test: where a rollback file would be."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    return tmp_path
+
+
+def mixed_dtype_model():
+    model = tiny_llama()
+    model.model.layers[1].to(torch.bfloat16)
+    model.model.layers[2].mlp.to(torch.float16)
+    return model
+
+
+def layer_state(model) -> dict:
+    return {k: v.clone() for k, v in model.model.layers.state_dict().items()}
+
+
+def scribble(model) -> None:
+    with torch.no_grad():
+        for p in model.model.layers.parameters():
+            p.copy_(torch.randn_like(p, dtype=torch.float32).to(p.dtype))
+
+
+@pytest.mark.parametrize("in_file", [True, False])
+def test_a_snapshot_restores_every_bit_of_every_dtype(tmp_tempdir, in_file):
+    model = mixed_dtype_model()
+    before = layer_state(model)
+    nbytes = sum(v.numel() * v.element_size() for v in model.model.layers.parameters())
+    snapshot = ModelSnapshot(model, in_memory_bytes=0 if in_file else nbytes)
+    files = list(tmp_tempdir.glob("mosaic-rollback-*/layers.bin"))
+    if in_file:
+        assert isinstance(snapshot.values, FileCopy) and len(files) == 1
+        assert files[0].stat().st_size == nbytes  # each tensor once, no header: the bytes of the layers
+    else:
+        assert isinstance(snapshot.values, dict) and not files
+    scribble(model)
+    assert not torch.equal(model.model.layers[1].mlp.up_proj.weight, before["1.mlp.up_proj.weight"])
+    snapshot.restore()
+    after = layer_state(model)
+    for name, value in before.items():
+        assert after[name].dtype == value.dtype and torch.equal(after[name], value), name
+    snapshot.close()
+    assert not list(tmp_tempdir.iterdir())
+
+
+def test_a_file_copy_holds_no_tensor_in_memory(tmp_tempdir):
+    model = tiny_llama()
+    tensors = list(model.model.layers.parameters())
+    copy = FileCopy(tensors, str(tmp_tempdir))
+    assert not any(isinstance(v, torch.Tensor) for v in vars(copy).values())
+    assert all(isinstance(offset, int) for offset, _, _ in copy.index.values())
+    assert torch.equal(copy[id(tensors[5])], tensors[5]) and id(torch.zeros(1)) not in copy
+    copy.close()
+
+
+def test_a_truncated_file_copy_fails_loudly(tmp_tempdir):
+    weight = torch.randn(8, 8)
+    copy = FileCopy([weight], str(tmp_tempdir))
+    with open(copy.path, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(OSError, match=r"ends before the copy of a \(8, 8\) tensor"):
+        copy[id(weight)]
+    copy.close()
+
+
+@pytest.mark.parametrize("fails", [True, False])
+def test_a_prune_leaves_no_rollback_file_and_a_failure_restores_from_it(tmp_tempdir, monkeypatch, fails):
+    import optimum_mosaic.pruner as pruner_module
+
+    monkeypatch.setattr(rollback, "IN_MEMORY_BYTES", 0)
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = {}
+
+    def finish(m, spec, real=pruner_module.remove_empty_units):
+        seen["files"] = sorted(p.name for p in tmp_tempdir.glob("mosaic-rollback-*/*"))
+        seen["zeros"] = int((m.model.layers[0].mlp.up_proj.weight == 0).sum())
+        if fails:
+            raise Boom("late failure")
+        return real(m, spec)
+
+    monkeypatch.setattr(pruner_module, "remove_empty_units", finish)
+    config = PrunedConfig(sparsity=0.5, allocation="uniform", pruner="sparsegpt", **SMALL)
+    if fails:
+        with pytest.raises(Boom):
+            Pruner(model, char_tokenizer()).prune(config, calibration_dataset=X)
+    else:
+        Pruner(model, char_tokenizer()).prune(config, calibration_dataset=X)
+    assert seen["files"] == ["layers.bin"] and seen["zeros"] == 128 * 64 // 2  # the copy was on disk mid-prune
+    assert not list(tmp_tempdir.iterdir())
+    for name, value in before.items():
+        pruned = "_proj.weight" in name  # a success prunes every projection; a failure leaves nothing changed
+        assert torch.equal(model.state_dict()[name], value) == (fails or not pruned), name
+
+
+def test_a_copy_the_temporary_directory_cannot_hold_stays_in_memory_with_a_warning(tmp_tempdir, monkeypatch):
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1000))
+    model = tiny_llama()
+    logger = rollback.logger
+    with CaptureLogger(logger) as captured:
+        snapshot = ModelSnapshot(model, in_memory_bytes=0)
+    assert isinstance(snapshot.values, dict) and not list(Path(tmp_tempdir).iterdir())
+    assert "does not fit in" in captured.out and "restore_on_error=False" in captured.out
