@@ -69,6 +69,7 @@ import torch
 
 from ..calibration.distributed import on_whole, total
 from ..registry import register_method
+from . import masks
 from .masks import kth_smallest
 from .refit import normalized_weights, refit_on_support
 from .ridge import RidgeInverses, share_factorisations
@@ -114,19 +115,27 @@ def rho_step(
     return RhoStep(min(rho, RHO_MAX), growing, restart, stop)
 
 
-def keep_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """True at exactly the ``k`` largest ``scores`` of the whole tensor; among ties the higher indices are kept."""
+def keep_top_k(scores: torch.Tensor, k: int, key=None) -> torch.Tensor:
+    """True at exactly the ``k`` largest ``scores`` of the whole tensor; among ties the higher indices are kept.
+    ``key`` (elementwise, e.g. ``torch.abs``): of ``key(scores)``, applied one chunk at a time, so that no whole
+    matrix of keys is made (0.22 GiB at a 4096 × 14336 projection)."""
     flat = scores.flatten()
     pruned = flat.numel() - k
     if pruned <= 0:
         return torch.ones_like(scores, dtype=torch.bool)
     if k <= 0:
         return torch.zeros_like(scores, dtype=torch.bool)
-    threshold = kth_smallest(flat, pruned)
-    keep = flat > threshold
+    key = key or (lambda x: x)
+    threshold = kth_smallest(flat, pruned, key)
+    keep, ties, start = torch.empty_like(flat, dtype=torch.bool), [], 0
+    for chunk, out in zip(flat.split(masks.CHUNK), keep.split(masks.CHUNK), strict=True):
+        chunk = key(chunk)
+        torch.gt(chunk, threshold, out=out)
+        ties.append((chunk == threshold).nonzero().squeeze(1) + start)
+        start += chunk.numel()
     need = k - int(torch.count_nonzero(keep))  # not .sum(): that converts the whole mask to int64 first
     if need > 0:  # ties at the threshold
-        keep[(flat == threshold).nonzero().squeeze(1)[-need:]] = True
+        keep[torch.cat(ties)[-need:]] = True
     return keep.view_as(scores)
 
 
@@ -141,7 +150,7 @@ def _project(Z: torch.Tensor, k: int, nm: tuple[int, int] | None, shard=None) ->
         support.scatter_(2, torch.argsort(groups, dim=2, stable=True)[..., :n], False)
         support = support.reshape(rows, cols)
     else:
-        support = on_whole(lambda scores: keep_top_k(scores, k), Z.abs(), shard)
+        support = on_whole(lambda z: keep_top_k(z, k, key=torch.abs), Z, shard)
     return Z * support, support
 
 

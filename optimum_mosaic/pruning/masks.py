@@ -10,27 +10,29 @@ SAMPLE = 8192  # entries sampled to bracket a k-th value
 CHUNK = 1 << 20  # entries compared at a time while the bracket is counted and gathered
 
 
-def kth_smallest(flat: torch.Tensor, j: int) -> torch.Tensor:
+def kth_smallest(flat: torch.Tensor, j: int, key=None) -> torch.Tensor:
     """The ``j``-th smallest (1-based) entry of the 1-D ``flat``: exactly ``flat.kthvalue(j).values``, faster on
     large tensors. A fixed pseudo-random sample of ``SAMPLE`` entries brackets the value (rank ``j/n`` ± 4 binomial
     standard deviations); then ``j`` minus the count below the bracket is the rank inside the (small) bracket,
-    where ``kthvalue`` runs. If the bracket misses (probability ≈ 1e-4), the full selection runs."""
-    n = flat.numel()
+    where ``kthvalue`` runs. If the bracket misses (probability ≈ 1e-4), the full selection runs. ``key`` (an
+    elementwise function, e.g. ``torch.abs``): the ``j``-th smallest of ``key(flat)``, applied one chunk at a time."""
+    n, key = flat.numel(), key or (lambda x: x)
     if n <= 4 * SAMPLE:
-        return flat.kthvalue(j).values
+        return key(flat).kthvalue(j).values
     idx = torch.randint(n, (SAMPLE,), generator=torch.Generator().manual_seed(n)).to(flat.device)
-    sample = flat[idx].sort().values
+    sample = key(flat[idx]).sort().values
     q = j / n
     centre, margin = q * SAMPLE, 4 * math.sqrt(q * (1 - q) * SAMPLE) + 2
     lo, hi = sample[max(int(centre - margin), 0)], sample[min(int(centre + margin), SAMPLE - 1)]
     below, parts = 0, []
     for chunk in flat.split(CHUNK):  # in chunks: the comparison masks of a whole 14336-wide matrix cost 2 copies of it
+        chunk = key(chunk)
         below += int(torch.count_nonzero(chunk < lo))
         parts.append(chunk[(chunk >= lo) & (chunk <= hi)])
     rank, band = j - below, torch.cat(parts)
     if 1 <= rank <= band.numel():
         return band.kthvalue(rank).values
-    return flat.kthvalue(j).values
+    return key(flat).kthvalue(j).values
 
 
 def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -119,3 +119,22 @@ def test_keep_top_k_counts_without_an_int64_copy_of_the_mask():
     largest = allocations(lambda: kept.append(keep_top_k(scores, scores.numel() // 3)))[0]
     assert int(kept[0].count_nonzero()) == scores.numel() // 3
     assert largest <= scores.numel()
+
+
+@pytest.mark.parametrize("chunk", [65_536, 30_000])
+@pytest.mark.parametrize("integers", [False, True])
+def test_keep_top_k_of_magnitudes_chunk_by_chunk_equals_the_plain_selection(monkeypatch, chunk, integers):
+    """``key=torch.abs`` takes magnitudes one chunk at a time: the mask of ``keep_top_k(Z.abs())`` (ties included:
+    the integer matrix has many, of both signs) — and no whole matrix of magnitudes is made."""
+    from optimum_mosaic.pruning import masks
+
+    monkeypatch.setattr(masks, "CHUNK", chunk)
+    g = torch.Generator().manual_seed(4)
+    Z = torch.randint(-6, 7, (384, 864), generator=g).float() if integers else torch.randn(384, 864, generator=g)
+    k = Z.numel() * 2 // 5
+    expected = keep_top_k(Z.abs(), k)
+    got = []
+    largest = allocations(lambda: got.append(keep_top_k(Z, k, key=torch.abs)))[0]
+    assert torch.equal(got[0], expected) and int(got[0].count_nonzero()) == k
+    if not integers:  # (a tie's index costs 8 bytes: with a seventh of the entries tied, more than the mask)
+        assert largest <= Z.numel()  # the bool mask; a matrix of magnitudes would be 4 bytes per entry
