@@ -46,8 +46,9 @@ warm start the first B-step is ``D₀`` itself (not computed); an inverse is mad
 ρ set by the last check never is), in place (one ``d_in × d_in`` buffer). ALPS-warm with its defaults: 10 products
 instead of 12, 2 inverses instead of 3, and the same result up to rounding (``benchmarks/wide_projection.py``;
 ``results/wide_projection.json``). Working set at such an input: ADMM holds ``Wn, B, D, V`` between steps and at
-most four ``d_out × d_in`` matrices inside one (``Wn, B, Z, |Z|`` while it projects: no start iterates kept for a
-restart — a cold restart recomputes them — and the B-step's operand written in ``D``'s memory), CG four vectors and a
+most four ``d_out × d_in`` matrices inside one (``Wn, B, Z, P_k(Z)`` while it projects: no start iterates kept for a
+restart — a cold restart recomputes them —, the B-step's operand written in ``D``'s memory and freed, ``Z`` formed in
+``V``'s, the magnitudes ``|Z|`` taken one chunk at a time), CG four vectors and a
 scratch updated in place, and the last reader of an input group drops its ridge inverses before CG; the bits are
 those of keeping them all.
 Kept quirk: a restart in the same check that meets the stop rule ends with ``B = Wn`` (dense), so the support
@@ -198,9 +199,10 @@ def admm(Wn, Hn, k: int, nm, rho: float, max_iterations: int, inverse: RidgeInve
         if not solved:
             B = None  # the B-step does not read the old primal: free it first
             B = b_step(Wn, D, V, rho, inverse(rho), overwrite=True)
+            D = None  # garbage: the B-step wrote its operand there
         solved = False
-        Z = torch.add(B, V, alpha=1.0 / rho)
-        D = V = None  # read by nothing after Z
+        Z = torch.add(B, V, alpha=1.0 / rho, out=V)  # in V's memory: read by nothing after Z
+        D = V = None
         D, support = _project(Z, k, nm, shard)
         V = Z.sub_(D).mul_(rho)  # V + ρ(B − D) = ρ(Z − D)
         del Z

@@ -138,3 +138,45 @@ def test_keep_top_k_of_magnitudes_chunk_by_chunk_equals_the_plain_selection(monk
     assert torch.equal(got[0], expected) and int(got[0].count_nonzero()) == k
     if not integers:  # (a tie's index costs 8 bytes: with a seventh of the entries tied, more than the mask)
         assert largest <= Z.numel()  # the bool mask; a matrix of magnitudes would be 4 bytes per entry
+
+
+def test_admm_forms_z_in_the_memory_of_v_and_frees_the_spent_operand(monkeypatch):
+    """``Z = B + V/ρ`` is written into ``V``'s memory, and the B-step's spent operand (``D``'s memory) is freed before
+    it: at ``Z`` three ``d_out × d_in`` matrices are held (``Wn``, ``B``, ``Z``) where there were five (``D`` and a
+    new ``Z`` beside ``V``). The result is the plain formula's, bit for bit."""
+    import types
+    import weakref
+
+    W, stats = problem(16, rows=37, cols=48)
+    Wn, Hn, _ = alps.normalized_weights(W, stats, 0.01)
+    duals, spent, projected = [], [], []
+    original_b_step, original_project = alps.b_step, alps._project
+
+    def b_step(Wn, D, V, rho, inv, overwrite=False):
+        dual = (V.data_ptr(), V.clone(), rho)
+        spent.append(weakref.ref(D))
+        B = original_b_step(Wn, D, V, rho, inv, overwrite)
+        duals.append((*dual, B.clone()))
+        return B
+
+    def project(Z, k, nm, shard=None):
+        if duals:
+            projected.append((Z.data_ptr(), Z.clone(), freed_at_z[-1]))
+        return original_project(Z, k, nm, shard)
+
+    class TorchForming(types.SimpleNamespace):  # alps's ``torch``, with ``add`` (how Z is formed) watched
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        def add(self, *args, **kwargs):
+            freed_at_z.append(all(r() is None for r in spent))
+            return torch.add(*args, **kwargs)
+
+    freed_at_z = []
+    monkeypatch.setattr(alps, "b_step", b_step)
+    monkeypatch.setattr(alps, "_project", project)
+    monkeypatch.setattr(alps, "torch", TorchForming())
+    alps.admm(Wn, Hn, 888, None, 0.2, 6, alps.RidgeInverses(Hn, {}, ("m",)))
+    assert len(duals) == len(projected) == 6
+    for (v_ptr, V, rho, B), (z_ptr, Z, freed) in zip(duals, projected, strict=True):
+        assert z_ptr == v_ptr and freed and torch.equal(Z, torch.add(B, V, alpha=1.0 / rho))
