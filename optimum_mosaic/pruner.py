@@ -17,6 +17,7 @@ from .calibration.data import CORPUS_NAMES, sample_windows
 from .calibration.distributed import barrier, shard_windows, world
 from .calibration.layerwise import Activations, capture, windows_per_forward
 from .configuration import AUTO, PrunedConfig
+from .copies import close_copy, copy_tensors
 from .evaluation import mean_nll
 from .layer_walk import LayerWalk
 from .models import fit_config_to_shapes
@@ -238,15 +239,21 @@ class Pruner:
         """Score a plan by a prune with ``kernel`` (same calibration) and the mean NLL of the held-out calibration
         windows. With ``keep`` (``kernel`` is the pruner) the best candidate's weights are kept (``best["result"]``),
         so the search costs one prune per candidate and the final prune comes free. (Cheaper proxies than a whole
-        prune mis-ranked plans on SmolLM2-135M.)"""
-        dense = {k: lin.weight.detach().clone() for k, lin in _flat(targets).items()}
+        prune mis-ranked plans on SmolLM2-135M.) The dense weights and the best candidate's are ``copy_tensors``
+        copies: beyond 256 MiB each, a temporary file rather than host memory."""
+
+        def weights() -> dict:
+            return {k: lin.weight for k, lin in _flat(targets).items()}
+
+        dense = copy_tensors(weights(), "the λ/M search's copy of the dense weights")
         best = {"loss": float("inf")}
 
         def score(plan, label: str = "") -> float:
             walk.prune(acts.clone(), targets, plan, kernel, config, label=label)
             loss = mean_nll(self.model, heldout, batch_size or HELD_OUT_BATCH)
             if loss < best["loss"] and keep:
-                best.update(loss=loss, result={k: lin.weight.detach().clone() for k, lin in _flat(targets).items()})
+                close_copy(best.get("result"))
+                best.update(loss=loss, result=copy_tensors(weights(), "the λ/M search's best candidate"))
             self._restore(targets, dense)
             return loss
 
@@ -291,6 +298,7 @@ class Pruner:
             walk.adopt(searched, targets)
         else:
             self._restore(targets, searched)
+            close_copy(searched)
         if self.store is None:  # offloaded: the walk cleaned each layer up while it was resident
             remove_empty_units(self.model, self.spec)
         fit_config_to_shapes(self.model)  # reads shapes only (offloaded layers are on ``meta``)

@@ -1,5 +1,6 @@
-"""The copy a prune keeps to undo itself: large copies live in a temporary file (a large model is not held twice in
-host memory), small ones in memory; either way a failure restores every bit, and nothing is left behind."""
+"""The copies a prune keeps to put weights back (its undo copy, the λ/M search's dense weights and best candidate):
+large ones live in a temporary file (a large model is not held two or three times in host memory), small ones in
+memory; either way every bit comes back, and nothing is left behind."""
 
 import shutil
 from pathlib import Path
@@ -9,8 +10,9 @@ import torch
 from conftest import char_tokenizer, tiny_llama, token_windows
 from transformers.testing_utils import CaptureLogger
 
-from optimum_mosaic import PrunedConfig, Pruner, rollback
-from optimum_mosaic.rollback import FileCopy, ModelSnapshot
+from optimum_mosaic import PrunedConfig, Pruner, copies
+from optimum_mosaic.copies import FileCopy
+from optimum_mosaic.rollback import ModelSnapshot
 
 X = token_windows(12, 32)
 SMALL = dict(nsamples=8, seqlen=32, block_size=32)
@@ -52,7 +54,7 @@ def test_a_snapshot_restores_every_bit_of_every_dtype(tmp_tempdir, in_file):
     before = layer_state(model)
     nbytes = sum(v.numel() * v.element_size() for v in model.model.layers.parameters())
     snapshot = ModelSnapshot(model, in_memory_bytes=0 if in_file else nbytes)
-    files = list(tmp_tempdir.glob("mosaic-rollback-*/layers.bin"))
+    files = list(tmp_tempdir.glob("mosaic-copy-*/tensors.bin"))
     if in_file:
         assert isinstance(snapshot.values, FileCopy) and len(files) == 1
         assert files[0].stat().st_size == nbytes  # each tensor once, no header: the bytes of the layers
@@ -71,8 +73,8 @@ def test_a_snapshot_restores_every_bit_of_every_dtype(tmp_tempdir, in_file):
 def test_a_file_copy_holds_no_tensor_in_memory(tmp_tempdir):
     model = tiny_llama()
     tensors = list(model.model.layers.parameters())
-    copy = FileCopy(tensors, str(tmp_tempdir))
-    assert not any(isinstance(v, torch.Tensor) for v in vars(copy).values())
+    copy = FileCopy({id(t): t for t in tensors}, str(tmp_tempdir))
+    assert not any(isinstance(v, torch.Tensor) for v in vars(copy).values())  # offsets, dtypes, shapes only
     assert all(isinstance(offset, int) for offset, _, _ in copy.index.values())
     assert torch.equal(copy[id(tensors[5])], tensors[5]) and id(torch.zeros(1)) not in copy
     copy.close()
@@ -80,7 +82,7 @@ def test_a_file_copy_holds_no_tensor_in_memory(tmp_tempdir):
 
 def test_a_truncated_file_copy_fails_loudly(tmp_tempdir):
     weight = torch.randn(8, 8)
-    copy = FileCopy([weight], str(tmp_tempdir))
+    copy = FileCopy({id(weight): weight}, str(tmp_tempdir))
     with open(copy.path, "r+b") as f:
         f.truncate(100)
     with pytest.raises(OSError, match=r"ends before the copy of a \(8, 8\) tensor"):
@@ -92,13 +94,13 @@ def test_a_truncated_file_copy_fails_loudly(tmp_tempdir):
 def test_a_prune_leaves_no_rollback_file_and_a_failure_restores_from_it(tmp_tempdir, monkeypatch, fails):
     import optimum_mosaic.pruner as pruner_module
 
-    monkeypatch.setattr(rollback, "IN_MEMORY_BYTES", 0)
+    monkeypatch.setattr(copies, "IN_MEMORY_BYTES", 0)
     model = tiny_llama()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     seen = {}
 
     def finish(m, spec, real=pruner_module.remove_empty_units):
-        seen["files"] = sorted(p.name for p in tmp_tempdir.glob("mosaic-rollback-*/*"))
+        seen["files"] = sorted(p.name for p in tmp_tempdir.glob("mosaic-copy-*/*"))
         seen["zeros"] = int((m.model.layers[0].mlp.up_proj.weight == 0).sum())
         if fails:
             raise Boom("late failure")
@@ -111,7 +113,7 @@ def test_a_prune_leaves_no_rollback_file_and_a_failure_restores_from_it(tmp_temp
             Pruner(model, char_tokenizer()).prune(config, calibration_dataset=X)
     else:
         Pruner(model, char_tokenizer()).prune(config, calibration_dataset=X)
-    assert seen["files"] == ["layers.bin"] and seen["zeros"] == 128 * 64 // 2  # the copy was on disk mid-prune
+    assert seen["files"] == ["tensors.bin"] and seen["zeros"] == 128 * 64 // 2  # the copy was on disk mid-prune
     assert not list(tmp_tempdir.iterdir())
     for name, value in before.items():
         pruned = "_proj.weight" in name  # a success prunes every projection; a failure leaves nothing changed
@@ -121,8 +123,36 @@ def test_a_prune_leaves_no_rollback_file_and_a_failure_restores_from_it(tmp_temp
 def test_a_copy_the_temporary_directory_cannot_hold_stays_in_memory_with_a_warning(tmp_tempdir, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1000))
     model = tiny_llama()
-    logger = rollback.logger
-    with CaptureLogger(logger) as captured:
+    with CaptureLogger(copies.logger) as captured:
         snapshot = ModelSnapshot(model, in_memory_bytes=0)
     assert isinstance(snapshot.values, dict) and not list(Path(tmp_tempdir).iterdir())
-    assert "does not fit in" in captured.out and "restore_on_error=False" in captured.out
+    assert "the rollback copy of the decoder layers" in captured.out and "does not fit in" in captured.out
+    assert "set TMPDIR" in captured.out
+
+
+@pytest.mark.parametrize("in_file", [True, False])
+def test_the_lamda_search_keeps_its_copies_in_files_and_prunes_the_same_weights(tmp_tempdir, monkeypatch, in_file):
+    """An 'auto' λ/M search keeps the dense weights and its best candidate's: in files beyond the limit (two at once
+    while it scores), deleted once the prune is done, and the pruned model is the in-memory search's, bit for bit."""
+    import optimum_mosaic.pruner as pruner_module
+
+    config = PrunedConfig(sparsity=0.5, allocation="projection", pruner="sparsegpt", search_samples=4, **SMALL)
+    assert config.search_grid
+    reference = tiny_llama()
+    Pruner(reference, char_tokenizer()).prune(config, calibration_dataset=X, restore_on_error=False)
+
+    if in_file:
+        monkeypatch.setattr(copies, "IN_MEMORY_BYTES", 0)
+    files, original = [], pruner_module.mean_nll
+
+    def scored(*args, **kwargs):
+        files.append(len(list(tmp_tempdir.glob("mosaic-copy-*/tensors.bin"))))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pruner_module, "mean_nll", scored)
+    model = tiny_llama()
+    Pruner(model, char_tokenizer()).prune(config, calibration_dataset=X, restore_on_error=False)
+    assert len(files) >= 3 and files[0] == (1 if in_file else 0) and max(files) == (2 if in_file else 0)
+    assert not list(tmp_tempdir.iterdir())
+    for (name, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name

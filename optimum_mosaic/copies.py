@@ -1,0 +1,87 @@
+"""Copies a prune keeps to put tensors back — the undo copy of a failed prune (``rollback.py``), the dense weights and
+the best candidate of a λ/M search (``Pruner._proxy_score``): in host memory when small, in a temporary file when
+larger than ``IN_MEMORY_BYTES``, so that a large model is not held two or three times in host memory (the decoder
+layers of Llama-3-8B in bf16 are ≈ 13 GiB). The file is ``tempfile``'s (``TMPDIR``), written and read one tensor at a
+time, and deleted by ``close_copy`` or when the copy is garbage-collected."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import weakref
+from collections.abc import Hashable
+from pathlib import Path
+
+import torch
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+IN_MEMORY_BYTES = 256 << 20  # larger copies go to a temporary file
+ROOM = 1 << 30  # left free in the temporary directory beside a copy
+
+
+def copy_tensors(named: dict[Hashable, torch.Tensor], what: str, in_memory_bytes: int | None = None):
+    """``{key: copy of tensor}`` (CPU tensors, bit for bit): a dict up to ``in_memory_bytes`` (default
+    ``IN_MEMORY_BYTES``) in all, else a ``FileCopy`` where the temporary directory has room for it (else a dict, with a
+    warning naming ``what``)."""
+    limit = IN_MEMORY_BYTES if in_memory_bytes is None else in_memory_bytes
+    nbytes = sum(t.numel() * t.element_size() for t in named.values())
+    if nbytes > limit:
+        directory = tempfile.gettempdir()
+        free = shutil.disk_usage(directory).free
+        if free > nbytes + ROOM:
+            return FileCopy(named, directory)
+        logger.warning(
+            f"{what} ({nbytes / 2**30:.1f} GiB) does not fit in {directory} ({free / 2**30:.1f} GiB free): it is "
+            "kept in host memory (set TMPDIR to a directory with room for it)"
+        )
+    return {key: t.detach().to("cpu", copy=True) for key, t in named.items()}
+
+
+def close_copy(copy) -> None:
+    """Delete a ``FileCopy``'s file now (a dict needs nothing)."""
+    if isinstance(copy, FileCopy):
+        copy.close()
+
+
+class FileCopy:
+    """The bytes of ``named``'s tensors in one temporary file, read back one tensor at a time: ``key in copy`` and
+    ``copy[key]`` (a CPU tensor of the tensor's dtype and shape) as for a dict of copies. Writing goes through one
+    tensor's bytes at a time (a CUDA tensor is copied to the host first), never a second copy of them all."""
+
+    def __init__(self, named: dict[Hashable, torch.Tensor], directory: str):
+        self.directory = Path(tempfile.mkdtemp(prefix="mosaic-copy-", dir=directory))
+        self.path = self.directory / "tensors.bin"
+        self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.directory), True)
+        self.index: dict[Hashable, tuple[int, torch.dtype, torch.Size]] = {}
+        offset = 0
+        try:
+            with open(self.path, "wb") as f:
+                for key, t in named.items():
+                    host = t.detach().to("cpu").contiguous()
+                    f.write(memoryview(host.reshape(-1).view(torch.uint8).numpy()))
+                    self.index[key] = (offset, t.dtype, t.shape)
+                    offset += host.numel() * host.element_size()
+        except BaseException:
+            self.close()
+            raise
+
+    def __contains__(self, key) -> bool:
+        return key in self.index
+
+    def __getitem__(self, key) -> torch.Tensor:
+        offset, dtype, shape = self.index[key]
+        out = torch.empty(shape, dtype=dtype)
+        view, done = memoryview(out.reshape(-1).view(torch.uint8).numpy()), 0
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            while done < len(view):
+                read = f.readinto(view[done:])
+                if not read:
+                    raise OSError(f"{self.path} ends before the copy of a {tuple(shape)} tensor")
+                done += read
+        return out
+
+    def close(self) -> None:
+        self._finalizer()
