@@ -1,6 +1,7 @@
 """The wheel ships every sub-package, the bundled corpus, the per-layer-shape model code, the card template and
 the optimum-cli plug-in as one PEP 420 namespace file."""
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -10,6 +11,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_wheel_contents(tmp_path):
+    # built from a copy: setuptools writes its ``build/`` beside the sources, which would leave one in the checkout
+    source = tmp_path / "source"
+    junk = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*cache")
+    shutil.copytree(ROOT, source, ignore=junk)
     subprocess.run(
         [
             sys.executable,
@@ -21,7 +26,7 @@ def test_wheel_contents(tmp_path):
             "--no-build-isolation",
             "-w",
             str(tmp_path),
-            str(ROOT),
+            str(source),
         ],
         check=True,
         capture_output=True,
