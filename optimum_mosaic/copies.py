@@ -31,6 +31,7 @@ def copy_tensors(named: dict[Hashable, torch.Tensor], what: str, in_memory_bytes
         directory = tempfile.gettempdir()
         free = shutil.disk_usage(directory).free
         if free > nbytes + ROOM:
+            logger.info(f"writing {what} ({nbytes / 2**30:.2f} GiB) to a temporary file in {directory}")
             return FileCopy(named, directory)
         logger.warning(
             f"{what} ({nbytes / 2**30:.1f} GiB) does not fit in {directory} ({free / 2**30:.1f} GiB free): it is "
