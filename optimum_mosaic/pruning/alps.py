@@ -64,6 +64,7 @@ SparseGPT's solution with a larger Ï and a short schedule: with its defaults (Ï
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -128,14 +129,13 @@ def keep_top_k(scores: torch.Tensor, k: int, key=None) -> torch.Tensor:
         return torch.zeros_like(scores, dtype=torch.bool)
     key = key or (lambda x: x)
     threshold = kth_smallest(flat, pruned, key)
-    keep, ties, start = torch.empty_like(flat, dtype=torch.bool), [], 0
-    for chunk, out in zip(flat.split(masks.CHUNK), keep.split(masks.CHUNK), strict=True):
-        chunk = key(chunk)
-        torch.gt(chunk, threshold, out=out)
-        ties.append((chunk == threshold).nonzero().squeeze(1) + start)
-        start += chunk.numel()
+    keep, chunks = torch.empty_like(flat, dtype=torch.bool), flat.split(masks.CHUNK)
+    for chunk, out in zip(chunks, keep.split(masks.CHUNK), strict=True):
+        torch.gt(key(chunk), threshold, out=out)
     need = k - int(torch.count_nonzero(keep))  # not .sum(): that converts the whole mask to int64 first
-    if need > 0:  # ties at the threshold
+    if need > 0:  # ties at the threshold: the last ``need`` of them
+        starts = [0, *itertools.accumulate(c.numel() for c in chunks)]
+        ties = [(key(c) == threshold).nonzero().squeeze(1) + a for c, a in zip(chunks, starts, strict=False)]
         keep[torch.cat(ties)[-need:]] = True
     return keep.view_as(scores)
 
