@@ -1,9 +1,13 @@
 """Where a multi-process prune spends its time: each process sums the wall time of the functions below (nested ones
 overlap) around ``examples/distributed_prune.py`` and prints them; rank 0 writes
-``benchmarks/results/distributed_breakdown_llama3-8b.json`` (or ``--breakdown-out``).
+``benchmarks/results/distributed_breakdown_llama3-8b.json`` (or ``--breakdown-out``). ``--per-projection``: the
+functions called while one projection is pruned are summed per projection name too (``"down:admm"``, and
+``"down:total"`` for the whole ``_prune_one``).
 
     OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 benchmarks/distributed_breakdown.py \\
         --model CHECKPOINT --nsamples 32 --seqlen 2048          # CHECKPOINT: scale.make_checkpoint("llama3-8b", 1, dir)
+    OMP_NUM_THREADS=1 python benchmarks/distributed_breakdown.py --per-projection \\
+        --breakdown-out benchmarks/results/distributed_breakdown_smollm2_1proc.json   # SmolLM2-135M, one process
 """
 
 from __future__ import annotations
@@ -44,16 +48,27 @@ WRAPPED = [
 ]
 
 
-def wrap(owner, name: str, label: str) -> None:
+PROJECTION: list[str | None] = [None]  # the projection being pruned (``--per-projection``)
+
+
+def wrap(owner, name: str, label: str, per_projection: bool = False) -> None:
     fn = getattr(owner, name)
+    outermost = owner is layer_walk.LayerWalk and name == "_prune_one"
 
     @functools.wraps(fn)
     def timed(*args, **kwargs):
+        if per_projection and outermost:
+            PROJECTION[0] = args[6]  # (self, targets, plan, kernel, config, idx, proj, stats, ...)
         start = time.perf_counter()
         try:
             return fn(*args, **kwargs)
         finally:
-            SECONDS[label] += time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            SECONDS[label] += elapsed
+            if per_projection and PROJECTION[0] is not None:
+                SECONDS[f"{PROJECTION[0]}:{'total' if outermost else label}"] += elapsed
+                if outermost:
+                    PROJECTION[0] = None
 
     setattr(owner, name, timed)
 
@@ -64,8 +79,11 @@ def main() -> None:
         i = sys.argv.index("--breakdown-out")
         out = Path(sys.argv.pop(i + 1))
         sys.argv.pop(i)
+    per_projection = "--per-projection" in sys.argv
+    if per_projection:
+        sys.argv.remove("--per-projection")
     for owner, name, label in WRAPPED:
-        wrap(owner, name, label)
+        wrap(owner, name, label, per_projection)
     import distributed_prune
 
     start = time.perf_counter()
