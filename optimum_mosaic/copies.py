@@ -32,10 +32,15 @@ def copy_tensors(named: dict[Hashable, torch.Tensor], what: str, in_memory_bytes
         free = shutil.disk_usage(directory).free
         if free > nbytes + ROOM:
             logger.info(f"writing {what} ({nbytes / 2**30:.2f} GiB) to a temporary file in {directory}")
-            return FileCopy(named, directory)
+            try:
+                return FileCopy(named, directory)
+            except OSError as error:  # not writable, or filled up meanwhile: the file is gone, memory still works
+                problem = f"could not be written to {directory} ({error})"
+        else:
+            problem = f"does not fit in {directory} ({free / 2**30:.1f} GiB free)"
         logger.warning(
-            f"{what} ({nbytes / 2**30:.1f} GiB) does not fit in {directory} ({free / 2**30:.1f} GiB free): it is "
-            "kept in host memory (set TMPDIR to a directory with room for it)"
+            f"{what} ({nbytes / 2**30:.1f} GiB) {problem}: it is kept in host memory (set TMPDIR to a writable "
+            "directory with room for it)"
         )
     return {key: t.detach().to("cpu", copy=True) for key, t in named.items()}
 

@@ -156,3 +156,35 @@ def test_the_lamda_search_keeps_its_copies_in_files_and_prunes_the_same_weights(
     assert not list(tmp_tempdir.iterdir())
     for (name, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("failure", ["mkdtemp", "write"])
+def test_a_temporary_directory_that_cannot_be_written_keeps_the_copy_in_memory(tmp_tempdir, monkeypatch, failure):
+    """Not writable, or full by the time the copy is written: a warning, the copy in host memory, no file left, and
+    the prune goes on (it restores every bit after a failure as before)."""
+    import builtins
+    import errno
+    import tempfile
+
+    if failure == "mkdtemp":
+        monkeypatch.setattr(tempfile, "mkdtemp", lambda **kw: (_ for _ in ()).throw(PermissionError(13, "denied")))
+    else:
+        real_open = builtins.open
+
+        def full_open(path, mode="r", *args, **kwargs):
+            handle = real_open(path, mode, *args, **kwargs)
+            if "w" in mode and str(path).endswith("tensors.bin"):
+                handle.write = lambda data: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))
+            return handle
+
+        monkeypatch.setattr(builtins, "open", full_open)
+    model = mixed_dtype_model()
+    before = layer_state(model)
+    with CaptureLogger(copies.logger) as captured:
+        snapshot = ModelSnapshot(model, in_memory_bytes=0)
+    assert isinstance(snapshot.values, dict) and not list(Path(tmp_tempdir).iterdir())
+    assert "could not be written to" in captured.out and "kept in host memory" in captured.out
+    scribble(model)
+    snapshot.restore()
+    after = layer_state(model)
+    assert all(torch.equal(after[name], value) for name, value in before.items())
