@@ -2,7 +2,8 @@
 the best candidate of a λ/M search (``Pruner._proxy_score``): in host memory when small, in a temporary file when
 larger than ``IN_MEMORY_BYTES``, so that a large model is not held two or three times in host memory (the decoder
 layers of Llama-3-8B in bf16 are ≈ 13 GiB). The file is ``tempfile``'s (``TMPDIR``), written and read one tensor at a
-time, and deleted by ``close_copy`` or when the copy is garbage-collected."""
+time, and deleted by ``close_copy`` or when the copy is garbage-collected (a process killed outright leaves its
+``mosaic-copy-*`` directory behind)."""
 
 from __future__ import annotations
 
