@@ -33,7 +33,7 @@ WRAPPED = [
     (statistics.InputStatistics, "update", "stats.update"),
     (layerwise, "all_reduce_statistics", "all_reduce_statistics(layerwise)"),
     (distributed.RowShard, "gather", "RowShard.gather"),
-    (distributed.RowShard, "broadcast", "RowShard.broadcast"),
+    (ridge, "broadcast_tensor", "broadcast_tensor(swap)"),
     (distributed.RowShard, "sum", "RowShard.sum"),
     (sparsegpt, "inverse_hessian_factor", "inverse_hessian_factor"),
     (ridge.RidgeInverses, "__call__", "RidgeInverses"),

@@ -147,10 +147,6 @@ class RowShard:
         blocks = (out[r * width : r * width + b - a] for r, (a, b) in enumerate(map(self.bounds, range(self.size))))
         return torch.cat(list(blocks))
 
-    def broadcast(self, tensor: torch.Tensor, src: int) -> None:
-        """Overwrite ``tensor`` with process ``src``'s, in place."""
-        torch.distributed.broadcast(tensor, src)
-
     def sum(self, value: float) -> float:
         """``value`` summed over the processes (counts are exact; float sums in rank order)."""
         t = torch.tensor([value], dtype=torch.float64)

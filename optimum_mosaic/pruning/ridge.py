@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from ..calibration.distributed import broadcast_tensor
 from .refit import normalized_hessian
 from .sparsegpt import make_obs_factor, obs_key
 
@@ -24,9 +25,20 @@ class RidgeInverses:
     ρ = 0.004 against 2e-3 for a float32 ``eigh``)."""
 
     def __init__(self, Hn: torch.Tensor, cache: dict, key):
-        self.Hn, self.store = Hn, cache.setdefault(("ridge_inverses", *key), {})
-        self.shared = cache.setdefault(("ridge_shared", *key), set())  # made for this solve by another process
+        self.Hn, (self.store, self.shared) = Hn, self._tables(cache, key)
         self.made = 0
+
+    @staticmethod
+    def _tables(cache: dict, key) -> tuple[dict, set]:
+        """The cache's inverses per ρ for ``key``, and the ρ whose inverse another process made for this solve."""
+        return cache.setdefault(("ridge_inverses", *key), {}), cache.setdefault(("ridge_shared", *key), set())
+
+    @classmethod
+    def adopt(cls, cache: dict, key, rho: float, inverse: torch.Tensor) -> None:
+        """Cache ``inverse`` — made by another process — for ρ, to be counted as made by the solve that reads it."""
+        store, shared = cls._tables(cache, key)
+        store[rho] = inverse
+        shared.add(rho)
 
     def __call__(self, rho: float) -> torch.Tensor:
         if rho in self.shared:  # counted as made here, as it would be in one process
@@ -74,11 +86,10 @@ def share_factorisations(stats, dampening: float, rho: float, device, shard) -> 
         inverse = RidgeInverses(normalized_hessian(stats, dampening, device).Hn, stats.cache, ridge)(rho)
     else:
         inverse = torch.empty((n, n), device=device)
-    shard.broadcast(U_t, obs_src)  # U is column-major (LAPACK's): its transpose is the dense row-major buffer
-    shard.broadcast(damp, obs_src)
-    shard.broadcast(inverse, ridge_src)
+    broadcast_tensor(U_t, obs_src)  # U is column-major (LAPACK's): its transpose is the dense row-major buffer
+    broadcast_tensor(damp, obs_src)
+    broadcast_tensor(inverse, ridge_src)
     if shard.rank != obs_src:
         factor = (h.masked_fill(dead, 1.0), dead, U_t.mT, float(damp))
     stats.cache[key] = factor
-    stats.cache.setdefault(("ridge_inverses", *ridge), {})[rho] = inverse
-    stats.cache.setdefault(("ridge_shared", *ridge), set()).add(rho)
+    RidgeInverses.adopt(stats.cache, ridge, rho, inverse)
