@@ -20,6 +20,7 @@ logger = logging.get_logger(__name__)
 
 IN_MEMORY_BYTES = 256 << 20  # larger copies go to a temporary file
 ROOM = 1 << 30  # left free in the temporary directory beside a copy
+BLOCK_BYTES = 64 << 20  # ``read_into`` reads a file copy this many bytes of rows at a time
 
 
 def copy_tensors(named: dict[Hashable, torch.Tensor], what: str, in_memory_bytes: int | None = None):
@@ -44,6 +45,25 @@ def copy_tensors(named: dict[Hashable, torch.Tensor], what: str, in_memory_bytes
             "directory with room for it)"
         )
     return {key: t.detach().to("cpu", copy=True) for key, t in named.items()}
+
+
+def read_into(copy, key, out: torch.Tensor) -> torch.Tensor:
+    """``out.copy_(copy[key])`` — into any layout and device — without a whole second copy of the tensor: a file copy
+    of a matrix is read ``BLOCK_BYTES`` of rows at a time."""
+    if not isinstance(copy, FileCopy) or out.dim() < 2:
+        return out.copy_(copy[key])
+    offset, dtype, shape = copy.index[key]
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"the copy of {key!r} is {tuple(shape)}, not {tuple(out.shape)}")
+    step = max(1, BLOCK_BYTES // max(1, out[0].numel() * out.element_size()))
+    block = torch.empty((min(step, shape[0]), *shape[1:]), dtype=dtype)
+    with open(copy.path, "rb") as f:
+        f.seek(offset)
+        for start in range(0, shape[0], step):
+            part = block[: min(step, shape[0] - start)]
+            copy.read_exactly(f, part)
+            out[start : start + len(part)].copy_(part)
+    return out
 
 
 def close_copy(copy) -> None:
@@ -80,15 +100,19 @@ class FileCopy:
     def __getitem__(self, key) -> torch.Tensor:
         offset, dtype, shape = self.index[key]
         out = torch.empty(shape, dtype=dtype)
-        view, done = memoryview(out.reshape(-1).view(torch.uint8).numpy()), 0
         with open(self.path, "rb") as f:
             f.seek(offset)
-            while done < len(view):
-                read = f.readinto(view[done:])
-                if not read:
-                    raise OSError(f"{self.path} ends before the copy of a {tuple(shape)} tensor")
-                done += read
+            self.read_exactly(f, out)
         return out
+
+    def read_exactly(self, f, out: torch.Tensor) -> None:
+        """Fill the contiguous CPU tensor ``out`` with the next bytes of ``f``."""
+        view, done = memoryview(out.reshape(-1).view(torch.uint8).numpy()), 0
+        while done < len(view):
+            read = f.readinto(view[done:])
+            if not read:
+                raise OSError(f"{self.path} ends before the copy of a {tuple(out.shape)} tensor")
+            done += read
 
     def close(self) -> None:
         self._finalizer()

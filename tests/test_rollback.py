@@ -188,3 +188,25 @@ def test_a_temporary_directory_that_cannot_be_written_keeps_the_copy_in_memory(t
     snapshot.restore()
     after = layer_state(model)
     assert all(torch.equal(after[name], value) for name, value in before.items())
+
+
+@pytest.mark.parametrize("rows", [None, 3])  # the whole matrix at once, or three rows at a time (10 = 3 + 3 + 3 + 1)
+def test_read_into_fills_any_layout_from_a_file_a_block_of_rows_at_a_time(tmp_tempdir, monkeypatch, rows):
+    """``read_into`` copies a file copy into a given tensor — column-major, another dtype — the bits of
+    ``out.copy_(copy[key])``, reading at most ``BLOCK_BYTES`` of rows at a time (no second whole copy)."""
+    from conftest import allocations
+
+    if rows:
+        monkeypatch.setattr(copies, "BLOCK_BYTES", rows * 700 * 4)
+    A = torch.randn(10, 700)
+    copy = FileCopy({"A": A, "b": torch.arange(5.0)}, str(tmp_tempdir))
+    column_major = torch.empty_strided((10, 700), (1, 10))
+    largest = allocations(lambda: copies.read_into(copy, "A", column_major))
+    assert torch.equal(column_major, A)
+    assert max(largest, default=0) <= (rows or 10) * 700 * 4
+    assert torch.equal(copies.read_into(copy, "A", torch.empty(10, 700, dtype=torch.float64)), A.double())
+    assert torch.equal(copies.read_into(copy, "b", torch.empty(5)), torch.arange(5.0))
+    assert torch.equal(copies.read_into({"A": A}, "A", torch.empty(10, 700)), A)
+    with pytest.raises(ValueError, match=r"is \(10, 700\), not \(700, 10\)"):
+        copies.read_into(copy, "A", torch.empty(700, 10))
+    copy.close()

@@ -64,6 +64,7 @@ SparseGPT's solution with a larger ρ and a short schedule: with its defaults (�
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 
@@ -73,7 +74,7 @@ from ..calibration.distributed import on_whole, total
 from ..registry import register_method
 from . import masks
 from .masks import kth_smallest
-from .refit import normalized_weights, refit_on_support
+from .refit import normalized_hessian, normalized_key, refit_on_support, scaled_weights
 from .ridge import RidgeInverses, share_factorisations
 from .sparsegpt import sparsegpt_prune
 
@@ -163,8 +164,9 @@ def b_step(Wn, D, V, rho: float, inv: torch.Tensor, overwrite: bool = False) -> 
     return torch.addmm(Wn, T.mul_(rho).sub_(V), inv)
 
 
-def admm(Wn, Hn, k: int, nm, rho: float, max_iterations: int, inverse: RidgeInverses, start=None, shard=None):
-    """Steps 2–4 on the normalised problem; returns the last primal ``B`` and the schedule's final state.
+def admm(Wn, k: int, nm, rho: float, max_iterations: int, inverse: RidgeInverses, start=None, shard=None):
+    """Steps 2–4 on the normalised problem (``Hn`` is ``inverse``'s, parked once ``V₀`` is made: see
+    ``RidgeInverses.park``); returns the last primal ``B`` and the schedule's final state.
 
     ``start`` (a sparse ``Wn``-scaled matrix with ``k`` nonzeros; handed over in a one-element list, so that no caller
     holds it once the iterates move on) warm-starts at the fixed point of that support: ``D₀ = start``,
@@ -189,10 +191,11 @@ def admm(Wn, Hn, k: int, nm, rho: float, max_iterations: int, inverse: RidgeInve
     if isinstance(start, list):  # handed over: the list held the only reference
         start = start.pop()
     if warm:
-        B, D, V, last_support = start, start, (Wn - start) @ Hn, start != 0
+        B, D, V, last_support = start, start, (Wn - start) @ inverse.hessian(), start != 0
     else:
         B, D, V, last_support = cold()
     del start
+    inverse.park()
     growing, restarts, ratio, done = warm, 0, float("nan"), 0
     solved = warm  # from a warm start, B = D₀ already solves the B-step from (D₀, V₀), whatever ρ
     for iteration in range(max_iterations):
@@ -302,18 +305,38 @@ def _alps(
     held = None if checked else already_pruned(weight, stats, sparsity, nm, info, dampening, shard)
     if held is not None:
         return held
-    Wn, Hn, x = normalized_weights(weight, stats, dampening)
-    inverse = RidgeInverses(Hn, stats.cache, (dampening, str(weight.device)))
+    final = getattr(stats, "final_read", False)  # no later projection reads these statistics
+    norm = normalized_hessian(stats, dampening, weight.device)
+    if final:  # the solve's references are the only ones: ``inverse`` may park Hn while ADMM iterates
+        stats.cache.pop(normalized_key(dampening, weight.device))
+    x, dead = norm.x, norm.dead
+    Wn = scaled_weights(weight, x, dead)
+    inverse = RidgeInverses(norm.Hn, stats.cache, (dampening, str(weight.device)), parkable=final)
+    del norm
     box = [starts.pop().float() * x] if starts else None  # ADMM frees the scaled start once its iterates move on
-    B, state = admm(Wn, Hn, k, nm, rho, max_iterations, inverse, box, shard)
+    B, state = admm(Wn, k, nm, rho, max_iterations, inverse, box, shard)
     B, support = _project(B, k, nm, shard)
-    if getattr(stats, "final_read", False):  # CG needs no inverse, and no later projection reads them
+    if final:  # CG needs no inverse
         inverse.store.clear()
+    Hn = inverse.hessian()
+    del inverse
     if info is not None:
         info.update(state, dampening=dampening)
+    Wn = None  # CG reads Wn only at its start: made again there rather than held (one d_out × d_in buffer less)
     B = refit_on_support(
-        Wn, None, Hn, B, support, cg_iterations, CG_RTOL, info, "error_admm", stop="unmasked", shard=shard
+        functools.partial(scaled_weights, weight, x, dead),
+        None,
+        Hn,
+        B,
+        support,
+        cg_iterations,
+        CG_RTOL,
+        info,
+        "error_admm",
+        stop="unmasked",
+        shard=shard,
     )
+    del Hn
     return (B / x).masked_fill(~support, 0.0).to(weight.dtype)
 
 

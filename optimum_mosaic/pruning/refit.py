@@ -43,7 +43,7 @@ def normalized_hessian(stats, dampening: float, device) -> NormalizedHessian:
     For the last projection reading the statistics (``stats.final_read``, set by the walk) ``Hn`` is built in the
     memory of ``stats.hessian``, which is then set to None: no one reads ``H`` after that kernel, and at a wide input
     this is one ``d_in²`` buffer less (0.82 GB at Llama-3-8B's ``down_proj``) while ``Hn`` and a ridge inverse live."""
-    key = ("normalized_hessian", dampening, str(device))
+    key = normalized_key(dampening, device)
     if key not in stats.cache:
         H = stats.hessian
         consume = getattr(stats, "final_read", False) and H.dtype == torch.float32 and H.device == torch.device(device)
@@ -61,10 +61,20 @@ def normalized_hessian(stats, dampening: float, device) -> NormalizedHessian:
     return stats.cache[key]
 
 
+def normalized_key(dampening: float, device) -> tuple:
+    """Where ``normalized_hessian`` caches its result on ``stats.cache``."""
+    return ("normalized_hessian", dampening, str(device))
+
+
+def scaled_weights(weight: torch.Tensor, x: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    """``Wn = W·x``: the column-scaled fp32 weights, dead inputs zeroed."""
+    return weight.detach().float().masked_fill(dead, 0.0) * x
+
+
 def normalized_weights(weight: torch.Tensor, stats, dampening: float):
-    """``(Wn, Hn, x)``: the column-scaled fp32 weights (dead inputs zeroed), ``Hn`` and ``x``."""
+    """``(Wn, Hn, x)``: ``scaled_weights``, ``Hn`` and ``x``."""
     norm = normalized_hessian(stats, dampening, weight.device)
-    return weight.detach().float().masked_fill(norm.dead, 0.0) * norm.x, norm.Hn, norm.x
+    return scaled_weights(weight, norm.x, norm.dead), norm.Hn, norm.x
 
 
 def normalized_problem(weight: torch.Tensor, stats, dampening: float):
@@ -79,8 +89,8 @@ def masked_cg(
 ) -> tuple[torch.Tensor, int]:  # fmt: skip
     """Solve ``b_S A_SS = y_S`` for every row (``A`` symmetric positive definite) by conjugate gradient with the
     residual masked to the row's support ``S``; warm start ``B`` (zero off ``S``), updated in place. Returns (B, steps
-    taken). Besides ``A``, ``B`` and ``W`` it holds four ``d_out × d_in`` buffers (residual, its masked copy, direction,
-    direction·A) and one scratch, all updated in place.
+    taken). Besides ``A`` and ``B`` it holds three ``d_out × d_in`` buffers (residual, direction, direction·A — whose
+    memory holds the masked residual once the residual is updated) and one scratch, all updated in place.
 
     ``stop="masked"``: stop once every row's masked residual ``‖(y − bA)_S‖ ≤ rtol·‖y_S‖`` (true convergence;
     ``rtol=0`` runs all steps). ``stop="unmasked"`` is ALPS's reference test: the *unmasked* residual ``Y − B A`` of
@@ -89,24 +99,29 @@ def masked_cg(
 
     ``Y = W A`` may be given as ``W`` instead (``Y=None``): the start residual is then ``(W − B) A`` and ``Y`` is
     never formed unless a stopping test needs it — for the unmasked test only once the bound
-    ``‖Y_{:,j}‖ ≤ ‖W‖_F ‖A_{:,j}‖`` no longer rules it out (one product by ``A`` fewer).
+    ``‖Y_{:,j}‖ ≤ ‖W‖_F ‖A_{:,j}‖`` no longer rules it out (one product by ``A`` fewer). ``W`` may be a function
+    that makes it: it is then held only while it is read (at the start, and by that test if it ever runs).
 
     With ``shard`` the rows are this process's block: the steps are row by row, and the stopping tests (all rows,
     column norms) are taken over every process's rows."""
-    full = Y - B @ A if Y is not None else (W - B) @ A  # unmasked residual, kept by the same recurrence
-    R = full * support
+    if Y is not None:
+        full = Y - B @ A  # unmasked residual, kept by the same recurrence
+    else:
+        w = held(W)
+        full = (w - B) @ A
+        if stop == "masked" and rtol > 0:
+            Y = w @ A
+        elif stop == "unmasked":  # an upper bound of rtol·‖Y_{:,j}‖; the exact value is formed only when it passes
+            tol, exact = rtol * float(whole(w, shard).norm()) * A.norm(dim=0), False
+        del w
     if stop == "masked":
-        if Y is None and rtol > 0:
-            Y = W @ A
         tol2 = (rtol**2) * (Y * support).square().sum(1) if rtol > 0 else torch.zeros(B.shape[0], device=B.device)
     elif Y is not None:
         tol = rtol * whole(Y, shard).norm(dim=0)
-    else:  # an upper bound of rtol·‖Y_{:,j}‖; the exact value is formed only when the bound passes
-        tol, exact = rtol * float(whole(W, shard).norm()) * A.norm(dim=0), False
-    P = R.clone()
-    rr = (R * R).sum(1)
+    P = full * support  # the first direction: the masked residual
+    rr = (P * P).sum(1)
     steps = 0
-    AP, S = None, torch.empty_like(R)  # P·A and a scratch buffer, allocated once: every update below is in place
+    AP, S = None, torch.empty_like(P)  # P·A and a scratch buffer, allocated once: every update below is in place
     for _ in range(iterations):
         if stop == "masked" and total(int(torch.count_nonzero(~(rr <= tol2))), shard) == 0:
             break
@@ -115,7 +130,7 @@ def masked_cg(
         alpha = torch.where(den > 0, rr / den.where(den > 0, torch.ones_like(den)), torch.zeros_like(den))
         B.add_(torch.mul(P, alpha.unsqueeze(1), out=S))
         full.sub_(torch.mul(AP, alpha.unsqueeze(1), out=S))
-        torch.mul(full, support, out=R)
+        R = torch.mul(full, support, out=AP)  # AP is spent: the masked residual takes its memory
         rr_new = torch.mul(R, R, out=S).sum(1)
         beta = torch.where(rr > 0, rr_new / rr.where(rr > 0, torch.ones_like(rr)), torch.zeros_like(rr))
         P.mul_(beta.unsqueeze(1)).add_(R)
@@ -124,10 +139,15 @@ def masked_cg(
         if stop == "unmasked":
             norms = whole(full, shard).norm(dim=0)
             if Y is None and not exact and bool((norms <= tol).all()):
-                tol, exact = rtol * whole(W @ A, shard).norm(dim=0), True
+                tol, exact = rtol * whole(held(W) @ A, shard).norm(dim=0), True
             if bool((norms <= tol).all()):
                 break
     return B, steps
+
+
+def held(W):
+    """``W`` itself, or — for a function — the matrix it makes (rebuilt where it is read instead of held)."""
+    return W() if callable(W) else W
 
 
 def relative_error(Hn: torch.Tensor, B: torch.Tensor, Wn: torch.Tensor, base: float, shard=None) -> float:
@@ -140,10 +160,13 @@ def relative_error(Hn: torch.Tensor, B: torch.Tensor, Wn: torch.Tensor, base: fl
 def refit_on_support(
     Wn, Y, Hn, B, support, iterations: int, rtol: float, info: dict | None, before: str, stop="masked", shard=None
 ):
-    """Masked CG from ``B`` on ``support`` (``info``: steps taken); ``Y = Wn Hn`` may be None (see ``masked_cg``).
+    """Masked CG from ``B`` on ``support`` (``info``: steps taken); ``Y = Wn Hn`` may be None, ``Wn`` a function
+    (see ``masked_cg``).
     With ``info["measure_error"]`` also the damped relative errors ``info[before]`` and ``info["error"]``: products
     by ``Hn`` a prune does not need."""
     measure = info is not None and info.get("measure_error", False)
+    if measure:  # products a prune does not need, measured on a held ``Wn``
+        Wn = held(Wn)
     if measure and Y is None:
         Y = Wn @ Hn
     base = total(float((Wn * Y).sum()), shard) if measure else 0.0

@@ -8,7 +8,7 @@ from conftest import correlated_problem as problem
 
 from optimum_mosaic.pruning import alps
 from optimum_mosaic.pruning.alps import keep_top_k
-from optimum_mosaic.pruning.refit import normalized_hessian
+from optimum_mosaic.pruning.refit import normalized_hessian, normalized_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -17,7 +17,7 @@ def test_a_forced_restart_returns_to_the_cold_start(monkeypatch):
     """A restart puts ADMM back at ``(B, D, V) = (Wn, P_k(Wn), 0)`` with the new ρ (recomputed, not kept): after a
     restart at the first check, the remaining iterations equal a fresh cold run at that ρ, bit for bit."""
     W, stats = problem(11)
-    Wn, Hn, _ = alps.normalized_weights(W, stats, 0.01)
+    Wn, Hn, _ = normalized_weights(W, stats, 0.01)
     calls = []
 
     def schedule(rho, delta, k, growing, iteration, *args):
@@ -26,10 +26,10 @@ def test_a_forced_restart_returns_to_the_cold_start(monkeypatch):
 
     monkeypatch.setattr(alps, "rho_step", schedule)
     restarting = True
-    B, state = alps.admm(Wn, Hn, 256, None, 0.2, 3 + 5, alps.RidgeInverses(Hn, {}, ("a",)))
+    B, state = alps.admm(Wn, 256, None, 0.2, 3 + 5, alps.RidgeInverses(Hn, {}, ("a",)))
     assert state["restarts"] == 1 and calls[0] == 2
     restarting = False
-    fresh, _ = alps.admm(Wn, Hn, 256, None, 0.7, 5, alps.RidgeInverses(Hn, {}, ("b",)))
+    fresh, _ = alps.admm(Wn, 256, None, 0.7, 5, alps.RidgeInverses(Hn, {}, ("b",)))
     assert torch.equal(B, fresh)
 
 
@@ -47,9 +47,9 @@ def test_the_warm_start_is_freed_before_the_first_b_step(monkeypatch):
         refs.append(weakref.ref(out))
         return out
 
-    def admm(Wn, Hn, k, nm, rho, iterations, inverse, box, shard=None):
+    def admm(Wn, k, nm, rho, iterations, inverse, box, shard=None):
         refs.append(weakref.ref(box[0]))
-        return original_admm(Wn, Hn, k, nm, rho, iterations, inverse, box, shard)
+        return original_admm(Wn, k, nm, rho, iterations, inverse, box, shard)
 
     def b_step(*args, **kwargs):
         seen.append([r() is None for r in refs])
@@ -69,7 +69,7 @@ def test_cg_updates_its_start_in_place():
     from optimum_mosaic.pruning.refit import masked_cg
 
     W, stats = problem(13)
-    Wn, Hn, _ = alps.normalized_weights(W, stats, 0.01)
+    Wn, Hn, _ = normalized_weights(W, stats, 0.01)
     support = keep_top_k(Wn.abs(), Wn.numel() // 2)
     B0 = Wn * support
     expected, _ = masked_cg(Hn, Wn @ Hn, B0.clone(), support, 4, 0.0)
@@ -148,7 +148,7 @@ def test_admm_forms_z_in_the_memory_of_v_and_frees_the_spent_operand(monkeypatch
     import weakref
 
     W, stats = problem(16, rows=37, cols=48)
-    Wn, Hn, _ = alps.normalized_weights(W, stats, 0.01)
+    Wn, Hn, _ = normalized_weights(W, stats, 0.01)
     duals, spent, projected = [], [], []
     original_b_step, original_project = alps.b_step, alps._project
 
@@ -176,7 +176,100 @@ def test_admm_forms_z_in_the_memory_of_v_and_frees_the_spent_operand(monkeypatch
     monkeypatch.setattr(alps, "b_step", b_step)
     monkeypatch.setattr(alps, "_project", project)
     monkeypatch.setattr(alps, "torch", TorchForming())
-    alps.admm(Wn, Hn, 888, None, 0.2, 6, alps.RidgeInverses(Hn, {}, ("m",)))
+    alps.admm(Wn, 888, None, 0.2, 6, alps.RidgeInverses(Hn, {}, ("m",)))
     assert len(duals) == len(projected) == 6
     for (v_ptr, V, rho, B), (z_ptr, Z, freed) in zip(duals, projected, strict=True):
         assert z_ptr == v_ptr and freed and torch.equal(Z, torch.add(B, V, alpha=1.0 / rho))
+
+
+@pytest.fixture
+def parking(tmp_path, monkeypatch):
+    """Every ``Hn`` counts as wide: a parkable one goes to a temporary file (in ``tmp_path``)."""
+    import tempfile
+
+    from optimum_mosaic import copies
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(copies, "IN_MEMORY_BYTES", 0)
+    return tmp_path
+
+
+def test_a_parked_hessian_makes_the_same_inverses_and_comes_back_bit_for_bit(parking):
+    """A parked ``Hn`` is in a file, not in memory; the ridge inverses made from the file are those made from memory,
+    and ``hessian()`` returns ``Hn`` (deleting the file). A ``RidgeInverses`` not marked parkable keeps it."""
+    _, stats = problem(17)
+    Hn = normalized_hessian(stats, 0.01, "cpu").Hn
+    kept = alps.RidgeInverses(Hn, {}, ("kept",))
+    kept.park()
+    assert kept.Hn is Hn and not list(parking.iterdir())
+    parked = alps.RidgeInverses(Hn.clone(), {}, ("parked",), parkable=True)
+    parked.park()
+    assert parked.Hn is None and len(list(parking.glob("mosaic-copy-*/tensors.bin"))) == 1
+    for rho in (0.3, 0.36):
+        assert torch.equal(parked(rho), kept(rho))
+    back = parked.hessian()
+    assert torch.equal(back, Hn) and back.is_contiguous() and not list(parking.iterdir())
+
+
+def test_the_last_reader_parks_hn_while_admm_iterates_and_cg_reads_wn_once(parking, monkeypatch):
+    """At a wide input the last reader of the statistics holds no ``Hn`` in memory during ADMM's steps (it is made
+    again from the file for each inverse and for CG), and CG makes ``Wn`` again where it reads it instead of holding
+    it: the weights are those of a run that keeps both, bit for bit."""
+    import weakref
+
+    from optimum_mosaic import copies
+    from optimum_mosaic.pruning import refit
+
+    W, stats = problem(18)
+    stats.final_read = True
+    refs, alive_at_b_step, made = [], [], []
+    original_hessian, original_b_step, original_scaled = alps.normalized_hessian, alps.b_step, refit.scaled_weights
+
+    def normalized(*args):
+        norm = original_hessian(*args)
+        refs.append(weakref.ref(norm.Hn))
+        return norm
+
+    def b_step(*args, **kwargs):
+        alive_at_b_step.append(refs[0]() is not None)
+        return original_b_step(*args, **kwargs)
+
+    def scaled(*args):
+        made.append(1)
+        return original_scaled(*args)
+
+    monkeypatch.setattr(alps, "normalized_hessian", normalized)
+    monkeypatch.setattr(alps, "b_step", b_step)
+    monkeypatch.setattr(alps, "scaled_weights", scaled)
+    info = {}
+    parked = alps.alps_warm_prune(W, stats, 0.6, info=info)
+    monkeypatch.undo()
+    assert alive_at_b_step and not any(alive_at_b_step) and info["inverses"] == 2
+    assert len(made) == 2  # ``Wn`` for ADMM, then once more for CG's start
+    assert not list(parking.iterdir())  # the file is gone
+    monkeypatch.setattr(copies, "IN_MEMORY_BYTES", 1 << 40)
+    W, stats = problem(18)
+    stats.final_read = True
+    assert torch.equal(parked, alps.alps_warm_prune(W, stats, 0.6))
+
+
+def test_cg_keeps_its_masked_residual_in_the_memory_of_the_spent_product():
+    """CG's masked residual takes the memory of ``direction·A`` once that is spent: the ``d_out × d_in`` matrices it
+    makes are the start's ``W − B``, the residual, the first direction (the masked residual), the first ``‖R‖²``'s
+    squares, ``direction·A`` and a scratch — six, where a separate masked residual (and a clone of it as the first
+    direction) made seven. ``W`` given as a function that makes it gives the same bits."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from optimum_mosaic.pruning.refit import masked_cg
+
+    W, stats = problem(19, rows=37, cols=48)
+    Wn, Hn, _ = normalized_weights(W, stats, 0.01)
+    support = keep_top_k(Wn.abs(), Wn.numel() // 2)
+    expected, _ = masked_cg(Hn, None, Wn * support, support, 4, 0.0, W=lambda: Wn.clone(), stop="unmasked")
+    start = Wn * support
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        got, _ = masked_cg(Hn, None, start, support, 4, 0.0, W=Wn, stop="unmasked")
+    makers = {"aten::sub", "aten::mm", "aten::mul", "aten::clone", "aten::empty_like"}  # (the bool support's
+    made = [e.name for e in prof.events() if e.name in makers and e.cpu_memory_usage == Wn.numel() * 4]  # casts: to)
+    assert len(made) == 6, made
+    assert torch.equal(got, expected)
