@@ -148,6 +148,14 @@ def scale_8b(within_gib, ratio) -> None:
     agrees(ratio, default["prune_s"] / peer["prune_s"])
 
 
+def peak_8b(default_gib, peer_gib) -> None:
+    rows = results("scale_llama3-8b")["rows"]
+    default = one(rows, method="default (73f70a4)", tokens=4 * 2048)
+    peer = one(rows, method="llm-compressor SparseGPT (73f70a4)", tokens=4 * 2048)  # the same sequence
+    agrees(default_gib, default["peak_rss_mib"] / 1024)
+    agrees(peer_gib, peer["peak_rss_mib"] / 1024)
+
+
 def distributed(smollm2, layer_8b, windows) -> None:
     small, large = results("distributed_speed"), results("distributed_speed_llama3-8b")
     for run, printed in ((small, smollm2), (large, layer_8b)):
@@ -205,6 +213,10 @@ CLAIMS = {
     "scale, Llama-3-8B layer": (
         rf"prunes a Llama-3-8B-shaped layer within {NUMBER} GiB, in {NUMBER}× llm-compressor's time",
         scale_8b,
+    ),
+    "peak, Llama-3-8B layer": (
+        rf"On 4 × 2048 tokens its peak is {NUMBER} GiB against llm-compressor's {NUMBER} GiB",
+        peak_8b,
     ),
 }
 

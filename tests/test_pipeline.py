@@ -205,6 +205,34 @@ def test_the_default_kernel_consuming_h_changes_no_weight(sequential):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("sequential", ["projection", "layer"])
+def test_a_walk_that_parks_every_last_readers_hn_changes_no_weight(sequential, tmp_path, monkeypatch):
+    """With every ``Hn`` counted as wide (``copies.IN_MEMORY_BYTES = 0``) the last reader of each of a layer's four
+    input groups parks ``Hn`` in a temporary file while ADMM iterates (the earlier readers keep it for the next); the
+    walk's weights equal the default walk's, and no file is left behind."""
+    import tempfile
+
+    from optimum_mosaic import copies
+    from optimum_mosaic.pruning import ridge
+
+    options = dict(sparsity=0.6, allocation="uniform", pruner="alps_warm", sequential=sequential)
+    model = prune(tiny_llama(), **options)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(copies, "IN_MEMORY_BYTES", 0)
+    parked, original = [], ridge.RidgeInverses.park
+
+    def park(self):
+        original(self)
+        parked.append(isinstance(self.parked, copies.FileCopy))
+
+    monkeypatch.setattr(ridge.RidgeInverses, "park", park)
+    parking = prune(tiny_llama(), **options)
+    assert sum(parked) == 4 * len(model.model.layers) < len(parked)
+    for a, b in zip(model.state_dict().values(), parking.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert not list(tmp_path.iterdir())
+
+
 def test_statistics_multiply_only_the_lower_triangle_and_make_no_d_by_d_temporary():
     """``XᵀX`` is symmetric: ``update`` multiplies row strips of its lower triangle (here 3 strips of a 3000-wide input:
     2/3 of the full product's flops) and copies the upper triangle from them. No temporary of ``d × d`` (the full fp32

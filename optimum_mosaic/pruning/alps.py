@@ -48,9 +48,10 @@ instead of 12, 2 inverses instead of 3, and the same result up to rounding (``be
 ``results/wide_projection.json``). Working set at such an input: ADMM holds ``Wn, B, D, V`` between steps and at
 most four ``d_out × d_in`` matrices inside one (``Wn, B, Z, P_k(Z)`` while it projects: no start iterates kept for a
 restart — a cold restart recomputes them —, the B-step's operand written in ``D``'s memory and freed, ``Z`` formed in
-``V``'s, the magnitudes ``|Z|`` taken one chunk at a time), CG four vectors and a
-scratch updated in place, and the last reader of an input group drops its ridge inverses before CG; the bits are
-those of keeping them all.
+``V``'s, the magnitudes ``|Z|`` taken one chunk at a time), CG three vectors and a scratch updated in place
+(``Wn`` made again where its start reads it), and the last reader of an input group parks ``Hn`` in a temporary file
+while ADMM iterates (``RidgeInverses.park``: ADMM reads it only to make inverses) and drops its ridge inverses before
+CG; the bits are those of keeping them all.
 Kept quirk: a restart in the same check that meets the stop rule ends with ``B = Wn`` (dense), so the support
 is then ``P_k(Wn)`` refined by CG, exactly as in the reference.
 

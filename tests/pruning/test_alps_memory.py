@@ -194,11 +194,16 @@ def parking(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_a_parked_hessian_makes_the_same_inverses_and_comes_back_bit_for_bit(parking):
-    """A parked ``Hn`` is in a file, not in memory; the ridge inverses made from the file are those made from memory,
-    and ``hessian()`` returns ``Hn`` (deleting the file). A ``RidgeInverses`` not marked parkable keeps it."""
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs where one is present)")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_a_parked_hessian_makes_the_same_inverses_and_comes_back_bit_for_bit(parking, device):
+    """A parked ``Hn`` is in a file, not in memory (from a GPU: not in GPU memory); the ridge inverses made from the
+    file are those made from memory, and ``hessian()`` returns ``Hn`` on its device (deleting the file). A
+    ``RidgeInverses`` not marked parkable keeps it."""
     _, stats = problem(17)
-    Hn = normalized_hessian(stats, 0.01, "cpu").Hn
+    Hn = normalized_hessian(stats, 0.01, device).Hn
     kept = alps.RidgeInverses(Hn, {}, ("kept",))
     kept.park()
     assert kept.Hn is Hn and not list(parking.iterdir())
@@ -208,7 +213,8 @@ def test_a_parked_hessian_makes_the_same_inverses_and_comes_back_bit_for_bit(par
     for rho in (0.3, 0.36):
         assert torch.equal(parked(rho), kept(rho))
     back = parked.hessian()
-    assert torch.equal(back, Hn) and back.is_contiguous() and not list(parking.iterdir())
+    assert torch.equal(back, Hn) and back.is_contiguous() and back.device == Hn.device
+    assert not list(parking.iterdir())
 
 
 def test_the_last_reader_parks_hn_while_admm_iterates_and_cg_reads_wn_once(parking, monkeypatch):
