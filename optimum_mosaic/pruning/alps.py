@@ -323,20 +323,8 @@ def _alps(
     del inverse
     if info is not None:
         info.update(state, dampening=dampening)
-    Wn = None  # CG reads Wn only at its start: made again there rather than held (one d_out × d_in buffer less)
-    B = refit_on_support(
-        functools.partial(scaled_weights, weight, x, dead),
-        None,
-        Hn,
-        B,
-        support,
-        cg_iterations,
-        CG_RTOL,
-        info,
-        "error_admm",
-        stop="unmasked",
-        shard=shard,
-    )
+    Wn = functools.partial(scaled_weights, weight, x, dead)  # CG reads Wn only at its start: made again, not held
+    B = refit_on_support(Wn, None, Hn, B, support, cg_iterations, CG_RTOL, info, "error_admm", "unmasked", shard)
     del Hn
     return (B / x).masked_fill(~support, 0.0).to(weight.dtype)
 
