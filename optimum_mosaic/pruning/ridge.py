@@ -31,14 +31,15 @@ class RidgeInverses:
         self.shape, self.dtype, self.device = Hn.shape, Hn.dtype, Hn.device
 
     def park(self) -> None:
-        """``Hn`` leaves memory until ``hessian()`` when it is larger than ``copies.IN_MEMORY_BYTES`` and this object
-        holds the only reference the solve keeps (``parkable``: the last reader of its statistics): to a temporary
-        file (from a GPU: to the host first), from which each ridge inverse made meanwhile is read into its own
-        buffer. ADMM reads ``Hn`` only to make inverses: ``d_in²`` floats fewer while it iterates (0.77 GiB at
-        Llama-3-8B's ``down_proj``), for one write and a read per inverse (≈ 0.3 s each against ≈ 14 s for the
-        factorisation at 14336)."""
+        """``Hn`` leaves device memory until ``hessian()`` when it is larger than ``copies.IN_MEMORY_BYTES`` and this
+        object holds the only reference the solve keeps (``parkable``: the last reader of its statistics): from a CPU
+        to a temporary file, from a GPU to host memory; each ridge inverse made meanwhile is read from there into its
+        own buffer. ADMM reads ``Hn`` only to make inverses: ``d_in²`` floats fewer while it iterates (0.77 GiB at
+        Llama-3-8B's ``down_proj``), for one write and one more read (CG's): on this project's CPU VM 9.4 s and 0.4 s
+        of a 284 s layer at 14336 (``benchmarks/park_timing.py``)."""
         if self.parkable and self.Hn is not None and self.Hn.numel() * self.Hn.element_size() > copies.IN_MEMORY_BYTES:
-            self.parked, self.Hn = copies.copy_tensors({"Hn": self.Hn}, "the normalised Hessian"), None
+            host = None if self.device.type == "cpu" else self.Hn.numel() * self.Hn.element_size()
+            self.parked, self.Hn = copies.copy_tensors({"Hn": self.Hn}, "the normalised Hessian", host), None
 
     def hessian(self) -> torch.Tensor:
         """``Hn``, read back into memory (its file deleted) if it was parked."""
