@@ -35,8 +35,8 @@ class RidgeInverses:
         object holds the only reference the solve keeps (``parkable``: the last reader of its statistics): from a CPU
         to a temporary file, from a GPU to host memory; each ridge inverse made meanwhile is read from there into its
         own buffer. ADMM reads ``Hn`` only to make inverses: ``d_in²`` floats fewer while it iterates (0.77 GiB at
-        Llama-3-8B's ``down_proj``), for one write and one more read (CG's): on this project's CPU VM 9.4 s and 0.4 s
-        of a 284 s layer at 14336 (``benchmarks/park_timing.py``)."""
+        Llama-3-8B's ``down_proj``), for one write and one more read (CG's; the inverses' reads replace the copy they
+        made from memory): on this project's CPU VM 10.6 s and 0.5 s of a 227 s layer (``benchmarks/park_timing.py``)."""
         if self.parkable and self.Hn is not None and self.Hn.numel() * self.Hn.element_size() > copies.IN_MEMORY_BYTES:
             host = None if self.device.type == "cpu" else self.Hn.numel() * self.Hn.element_size()
             self.parked, self.Hn = copies.copy_tensors({"Hn": self.Hn}, "the normalised Hessian", host), None
