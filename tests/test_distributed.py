@@ -136,7 +136,8 @@ def _prune_worker(rank: int, init_file: str, out: str) -> None:
             torch.save(results, out)
 
 
-def test_two_processes_share_the_solves_and_match_one_process(tmp_path, one_thread):
+def test_two_processes_share_the_solves_and_match_one_process(tmp_path, one_thread, monkeypatch):
+    monkeypatch.setattr(distributed, "ROWS_MIN", 0)  # the tiny model's o and down are shared however small
     out = tmp_path / "two.pt"
     mp.start_processes(_prune_worker, args=(str(tmp_path / "init"), str(out)), nprocs=2, start_method="fork")
     two = torch.load(out)
@@ -184,6 +185,8 @@ def test_split_solves_shares_the_rows_of_a_projection_that_outweighs_a_process()
     assert split_solves(smol, 2, rows=True) == split_solves(smol, 2) == {"q": 0, "k": 1, "v": 1}
     assert split_solves({"down": (4096, 14336)}, 1, rows=True) == {"down": 0}  # one process: nothing to share
     assert split_solves({"tiny": (1, 8)}, 2, rows=True) == {"tiny": 0}  # fewer rows than processes
+    assert split_solves({"o": (576, 576)}, 2, rows=True) == {"o": 0}  # SmolLM2's o: below ROWS_MIN entries
+    assert split_solves({"down": (576, 1536)}, 2, rows=True) == {"down": ROWS}
     assert [RowShard(r, 2, 37).bounds(r) for r in range(2)] == [(0, 19), (19, 37)]
     assert [RowShard(r, 3, 7).bounds(r) for r in range(3)] == [(0, 3), (3, 5), (5, 7)]
 
@@ -196,7 +199,9 @@ ROW_KERNELS = {
     "sparsegpt_refit": dict(block_size=8, cg_iterations=4),
     "alps": dict(max_iterations=40, cg_iterations=5),
     "alps 2:4": dict(max_iterations=12, nm=(2, 4), name="alps"),
-    "alps_warm": dict(block_size=8),  # processes 0 and 1 each make one factorisation and broadcast it
+    "alps_warm": dict(block_size=8),  # process 0 runs SparseGPT whole, process 1 makes the ridge inverses ahead
+    "alps_warm, shared sweep": dict(block_size=8, name="alps_warm", split_start=False),  # as for a wide input:
+    # processes 0 and 1 each make one factorisation and broadcast it, and each sweeps its rows
     "alps_warm, last reader": dict(block_size=8, name="alps_warm", final=True),  # H's memory becomes Hn
 }
 
@@ -209,6 +214,7 @@ def _row_problem():
 
 
 def _row_kernel_results(shard):
+    from optimum_mosaic.pruning import ridge
     from optimum_mosaic.registry import get_method
 
     weight, stats = _row_problem()
@@ -217,13 +223,18 @@ def _row_kernel_results(shard):
         options = dict(options)
         method = get_method("unstructured", options.pop("name", label))
         final = options.pop("final", False)
+        ahead = ridge.SPLIT_START_BYTES if options.pop("split_start", True) else 0
         sparsity = 0.5 if "nm" in options else 0.6
         for start in ("dense", "pruned"):
             w = weight if start == "dense" else results[(label, "dense")][0]
             info, stats = {}, _row_problem()[1]
             stats.final_read = final
             local = w if shard is None else shard.local(w)
-            out = method.fn(local, stats, sparsity, info=info, shard=shard, **options)
+            saved, ridge.SPLIT_START_BYTES = ridge.SPLIT_START_BYTES, ahead
+            try:
+                out = method.fn(local, stats, sparsity, info=info, shard=shard, **options)
+            finally:
+                ridge.SPLIT_START_BYTES = saved
             results[(label, start)] = (out if shard is None else shard.gather(out), info)
     return results
 
@@ -252,10 +263,16 @@ def _check_shared_factorisations(shard) -> None:
 
 def _row_kernel_worker(rank: int, init_file: str, out: str) -> None:
     from optimum_mosaic.calibration.distributed import RowShard
+    from optimum_mosaic.pruning import alps
 
+    calls = []
+    for name in ("split_warm_start", "share_factorisations"):  # which start each alps_warm label took
+        original = getattr(alps, name)
+        setattr(alps, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
     with _gloo(rank, init_file):
         _check_shared_factorisations(RowShard(rank, 2, 37))
         results = _row_kernel_results(RowShard(rank, 2, 37))
+        assert sorted(set(calls)) == ["share_factorisations", "split_warm_start"], calls
         if rank == 0:
             torch.save(results, out)
 
@@ -276,3 +293,74 @@ def test_row_kernels_on_two_processes_equal_one_process(tmp_path, one_thread):
     assert one[("alps_warm", "pruned")][1].get("existing_zeros")  # the count of existing zeros spans both blocks
     assert all(get_method("unstructured", m).rows for m in ("sparsegpt", "sparsegpt_refit", "alps", "alps_warm"))
     assert not get_method("unstructured", "wanda").rows  # whole-row selections: nothing to share
+
+
+# -- selections and CG's stopping test over blocks of rows, without gathering a large matrix --
+def _selection_problem():
+    g = torch.Generator().manual_seed(5)
+    scores = torch.randn(1025, 640, generator=g)  # 656,000 entries (> SHARED_SELECTION): rows 0:513 and 513:1025
+    scores[500:530] = 0.25  # 19,200 ties that straddle the two blocks
+    below = int((scores.abs() < 0.25).sum())
+    return scores, below
+
+
+def _check_selections(shard) -> None:
+    from optimum_mosaic.pruning import masks
+    from optimum_mosaic.pruning.alps import keep_top_k
+
+    scores, below = _selection_problem()
+    local = shard.local(scores)
+    assert masks.shared_selection(local, shard)
+    n = scores.numel()
+    for j in (1, below + 5000, n // 2, n):  # the 5000th tie, a median, the extremes
+        assert masks.kth_smallest(local.flatten(), j, torch.abs, shard) == scores.abs().flatten().kthvalue(j).values
+    for k in (below + 5000, n - below - 5000, 1, n - 1):  # thresholds inside the ties: the first / last of them
+        mine = masks.lowest_k_mask(local.abs(), k, shard)
+        assert torch.equal(shard.gather(mine), masks.lowest_k_mask(scores.abs(), k))
+        assert torch.equal(shard.gather(keep_top_k(local, k, torch.abs, shard)), keep_top_k(scores, k, torch.abs))
+    original = masks._bracket
+    masks._bracket = lambda sample, q: (sample[-1], sample[-1])  # a bracket that misses: the full selection
+    try:
+        assert masks.kth_smallest(local.flatten(), n // 3, None, shard) == scores.flatten().kthvalue(n // 3).values
+    finally:
+        masks._bracket = original
+
+
+def _cg_problem(dense: bool):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(400, 24, generator=g)
+    A = x.T @ x / 400 + 0.5 * torch.eye(24)
+    W = torch.randn(37, 24, generator=g)
+    support = torch.ones_like(W, dtype=torch.bool) if dense else torch.rand(37, 24, generator=g) > 0.5
+    return A, W, support
+
+
+def _cg_results(shard):
+    from optimum_mosaic.pruning.refit import masked_cg
+
+    out = {}
+    for dense in (True, False):  # converges (the gathered test stops it) / cannot (a flag settles each step)
+        A, W, support = _cg_problem(dense)
+        local = (lambda t: t) if shard is None else shard.local
+        B, steps = masked_cg(A, None, local(W * support), local(support), 30, 1e-4, "unmasked", local(W), shard)
+        out[dense] = (B if shard is None else shard.gather(B), steps)
+    return out
+
+
+def _selection_worker(rank: int, init_file: str, out: str) -> None:
+    from optimum_mosaic.calibration.distributed import RowShard
+
+    with _gloo(rank, init_file):
+        _check_selections(RowShard(rank, 2, 1025))
+        results = _cg_results(RowShard(rank, 2, 37))
+        if rank == 0:
+            torch.save(results, out)
+
+
+def test_selections_and_cg_stop_over_two_processes_equal_one_process(tmp_path, one_thread):
+    out = tmp_path / "cg.pt"
+    mp.start_processes(_selection_worker, args=(str(tmp_path / "init"), str(out)), nprocs=2, start_method="fork")
+    two, one = torch.load(out), _cg_results(None)
+    assert one[True][1] < 30 and one[False][1] == 30  # the dense support converges, the sparse one runs every step
+    for dense in (True, False):
+        assert torch.equal(two[dense][0], one[dense][0]) and two[dense][1] == one[dense][1], dense

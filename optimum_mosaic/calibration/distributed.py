@@ -8,7 +8,6 @@ selection over the whole matrix made on the gathered matrix, so the result is th
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -81,6 +80,7 @@ def solve_cost(shape: tuple[int, int]) -> int:
 
 
 ROWS = -1  # split_solves: every process solves a block of the projection's rows
+ROWS_MIN = 1 << 19  # entries below which sharing a projection's rows costs in exchanges what it splits
 
 
 def split_solves(shapes: dict[str, tuple[int, int]], size: int, rows: bool = False) -> dict[str, int]:
@@ -90,13 +90,21 @@ def split_solves(shapes: dict[str, tuple[int, int]], size: int, rows: bool = Fal
     ``rows`` (the kernel can solve a block of rows, ``RowShard``): a projection costing more than a process's fair
     share (``total / size``) is solved by all processes, each a block of its rows (owner ``ROWS``), which costs each
     ``rows·cols²/size + cols³`` (the factorisation is repeated); the others are balanced on top. E.g. ``o`` or
-    ``down`` alone in its input group, or ``down`` among all seven at a Llama-3-8B layer."""
+    ``down`` alone in its input group, or ``down`` among all seven at a Llama-3-8B layer. Not below ``ROWS_MIN``
+    entries: SmolLM2's 576 × 576 ``o`` takes longer shared by two processes than whole on one (each exchange costs
+    ~0.2 ms on gloo), its 576 × 1536 ``down`` less."""
     load = [0] * size
     owners = {}
     total = sum(solve_cost(s) for s in shapes.values())
     for name in sorted(shapes, key=lambda n: -solve_cost(shapes[n])):  # stable: equal costs keep their order
         height, width = shapes[name]
-        if rows and size > 1 and height >= size and solve_cost(shapes[name]) * size > total:
+        if (
+            rows
+            and size > 1
+            and height >= size
+            and height * width >= ROWS_MIN
+            and solve_cost(shapes[name]) * size > total
+        ):
             owners[name] = ROWS
             load = [x + height * width * width // size + width**3 for x in load]
             continue
@@ -147,6 +155,60 @@ class RowShard:
         blocks = (out[r * width : r * width + b - a] for r, (a, b) in enumerate(map(self.bounds, range(self.size))))
         return torch.cat(list(blocks))
 
+    def gather_to(self, local: torch.Tensor, dst: int) -> torch.Tensor | None:
+        """The whole matrix on process ``dst`` (None on the others): half the traffic of ``gather``."""
+        width = -(-self.rows // self.size)
+        if local.shape[0] < width:
+            local = torch.cat([local, local.new_zeros((width - local.shape[0], *local.shape[1:]))])
+        out = local.new_empty((self.size * width, *local.shape[1:])) if self.rank == dst else None
+        torch.distributed.gather(local.contiguous(), list(out.split(width)) if out is not None else None, dst)
+        if out is None or self.rows % self.size == 0:
+            return out
+        return torch.cat(
+            [out[r * width : r * width + b - a] for r, (a, b) in enumerate(map(self.bounds, range(self.size)))]
+        )
+
+    def scatter_from(self, whole: torch.Tensor | None, src: int, like: torch.Tensor) -> torch.Tensor:
+        """This process's rows of process ``src``'s ``whole`` (``like``: a tensor of this process's rows' shape and
+        dtype, e.g. its block of the input)."""
+        width = -(-self.rows // self.size)
+        out = like.new_empty((width, *like.shape[1:]))
+        parts = None
+        if self.rank == src:
+            blocks = [whole[a:b] for a, b in map(self.bounds, range(self.size))]
+            pad = lambda t: torch.cat([t, t.new_zeros((width - t.shape[0], *t.shape[1:]))]) if t.shape[0] < width else t  # noqa: E731
+            parts = [pad(t).contiguous() for t in blocks]
+        torch.distributed.scatter(out, parts, src)
+        return out[: self.stop - self.start]
+
+    def sizes(self, local_numel: int) -> list[int]:
+        """Every process's number of entries, from this process's ``local_numel`` (each part is a block of rows of
+        one matrix): no exchange."""
+        width = local_numel // (self.stop - self.start)
+        return [(b - a) * width for a, b in map(self.bounds, range(self.size))]
+
+    def concat(self, local: torch.Tensor, lengths: list[int] | None = None) -> torch.Tensor:
+        """Every process's 1-D ``local`` concatenated in rank order, on every process: one all-gather when the
+        ``lengths`` are given, two when they are not (they are exchanged first)."""
+        dist = torch.distributed
+        if lengths is None:
+            sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.size)]
+            dist.all_gather(sizes, torch.tensor([local.numel()]))
+            lengths = [int(s) for s in sizes]
+        width = max(lengths)
+        if width == 0:
+            return local.new_empty(0)
+        if local.numel() < width:  # gloo gathers equal sizes
+            local = torch.cat([local, local.new_zeros(width - local.numel())])
+        parts = [local.new_empty(width) for _ in range(self.size)]
+        dist.all_gather(parts, local.contiguous())
+        return torch.cat([part[:count] for part, count in zip(parts, lengths, strict=True)])
+
+    def counts(self, *values: int) -> list[list[int]]:
+        """Every process's ``values`` (integers), in rank order: one all-gather."""
+        rows = self.concat(torch.tensor(values, dtype=torch.int64), [len(values)] * self.size)
+        return rows.view(self.size, len(values)).tolist()
+
     def sum(self, value: float) -> float:
         """``value`` summed over the processes (counts are exact; float sums in rank order)."""
         t = torch.tensor([value], dtype=torch.float64)
@@ -163,12 +225,6 @@ def row_shard(rows: int) -> RowShard:
 def whole(local: torch.Tensor, shard: RowShard | None) -> torch.Tensor:
     """The whole matrix: ``local`` itself in one process (``shard`` None), else gathered from every process."""
     return local if shard is None else shard.gather(local)
-
-
-def on_whole(fn: Callable[[torch.Tensor], torch.Tensor], local: torch.Tensor, shard: RowShard | None) -> torch.Tensor:
-    """``fn`` (a selection over the whole matrix, returning a matrix of its shape) of the whole matrix, then this
-    process's rows."""
-    return fn(local) if shard is None else shard.local(fn(shard.gather(local)))
 
 
 def total(value, shard: RowShard | None):

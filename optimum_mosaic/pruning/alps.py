@@ -71,12 +71,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..calibration.distributed import on_whole, total
+from ..calibration.distributed import total
 from ..registry import register_method
 from . import masks
 from .masks import kth_smallest
 from .refit import normalized_hessian, normalized_key, refit_on_support, scaled_weights
-from .ridge import RidgeInverses, share_factorisations
+from .ridge import RidgeInverses, share_factorisations, split_start_fits, split_warm_start
 from .sparsegpt import sparsegpt_prune
 
 RHO_MAX = 1e6
@@ -119,27 +119,41 @@ def rho_step(
     return RhoStep(min(rho, RHO_MAX), growing, restart, stop)
 
 
-def keep_top_k(scores: torch.Tensor, k: int, key=None) -> torch.Tensor:
+def keep_top_k(scores: torch.Tensor, k: int, key=None, shard=None) -> torch.Tensor:
     """True at exactly the ``k`` largest ``scores`` of the whole tensor; among ties the higher indices are kept.
     ``key`` (elementwise, e.g. ``torch.abs``): of ``key(scores)``, applied one chunk at a time, so that no whole
-    matrix of keys is made (0.22 GiB at a 4096 × 14336 projection)."""
+    matrix of keys is made (0.22 GiB at a 4096 × 14336 projection). ``shard``: ``scores`` are this process's rows and
+    the ``k`` are those of every process's rows — a large matrix is never gathered (``masks.kth_smallest`` exchanges
+    samples and counts), a small one is (``masks.shared_selection``)."""
+    if shard is not None and not masks.shared_selection(scores, shard):
+        return shard.local(keep_top_k(shard.gather(scores), k, key))
     flat = scores.flatten()
-    pruned = flat.numel() - k
+    pruned = (flat.numel() if shard is None else sum(shard.sizes(flat.numel()))) - k
     if pruned <= 0:
         return torch.ones_like(scores, dtype=torch.bool)
     if k <= 0:
         return torch.zeros_like(scores, dtype=torch.bool)
     key = key or (lambda x: x)
-    threshold = kth_smallest(flat, pruned, key)
+    threshold = kth_smallest(flat, pruned, key, shard)
     keep, chunks = torch.empty_like(flat, dtype=torch.bool), flat.split(masks.CHUNK)
     for chunk, out in zip(chunks, keep.split(masks.CHUNK), strict=True):
         torch.gt(key(chunk), threshold, out=out)
-    need = k - int(torch.count_nonzero(keep))  # not .sum(): that converts the whole mask to int64 first
-    if need > 0:  # ties at the threshold: the last ``need`` of them
-        starts = [0, *itertools.accumulate(c.numel() for c in chunks)]
-        ties = [(key(c) == threshold).nonzero().squeeze(1) + a for c, a in zip(chunks, starts, strict=False)]
-        keep[torch.cat(ties)[-need:]] = True
+    kept, after = int(torch.count_nonzero(keep)), 0  # not .sum(): that converts the whole mask to int64 first
+    ties = None
+    if shard is not None:  # every process's count of kept and tied entries, in one exchange
+        ties = _positions(chunks, lambda c: key(c) == threshold)
+        counts = shard.counts(kept, ties.numel())
+        kept, after = sum(c[0] for c in counts), masks.neighbours([c[1] for c in counts], shard.rank)[1]
+    if k > kept:  # ties at the threshold: the last ``k − kept`` of them
+        ties = _positions(chunks, lambda c: key(c) == threshold) if ties is None else ties
+        keep[masks.take_ties(ties, k - kept, after=after, last=True)] = True
     return keep.view_as(scores)
+
+
+def _positions(chunks, test) -> torch.Tensor:
+    """Flat positions (ascending) where ``test(chunk)`` holds, over consecutive ``chunks``."""
+    starts = [0, *itertools.accumulate(c.numel() for c in chunks)]
+    return torch.cat([test(c).nonzero().squeeze(1) + a for c, a in zip(chunks, starts, strict=False)])
 
 
 def _project(Z: torch.Tensor, k: int, nm: tuple[int, int] | None, shard=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,7 +167,7 @@ def _project(Z: torch.Tensor, k: int, nm: tuple[int, int] | None, shard=None) ->
         support.scatter_(2, torch.argsort(groups, dim=2, stable=True)[..., :n], False)
         support = support.reshape(rows, cols)
     else:
-        support = on_whole(lambda z: keep_top_k(z, k, key=torch.abs), Z, shard)
+        support = keep_top_k(Z, k, key=torch.abs, shard=shard)
     return Z * support, support
 
 
@@ -361,14 +375,22 @@ def alps_warm_prune(
     iterations at a small ρ₀ move the support too far (ρ₀ 0.3 with 3 iterations is worse than SparseGPT at 70 %).
     """
     shape = _shape(weight, shard)
-    checked = 0 < _kept(shape, sparsity, nm) < shape[0] * shape[1]
+    checked, starts = 0 < _kept(shape, sparsity, nm) < shape[0] * shape[1], []
     if checked:
         held = already_pruned(weight, stats, sparsity, nm, info, dampening, shard)
         if held is not None:
             return held
         if shard is not None and shard.size > 1 and max_iterations > 1:
-            share_factorisations(stats, dampening, rho, weight.device, shard)
-    starts = [sparsegpt_prune(weight, stats, sparsity, nm, dampening, block_size, info, saliency, shard=shard)]
+            k = _kept(shape, sparsity, nm)  # ahead: ρ₀, and the first check's ρ when the support moves (Δ = k)
+            rhos = (rho, rho_step(rho, k, k, True, UPDATE_EVERY - 1).rho)[: 1 + (max_iterations > UPDATE_EVERY)]
+            if split_start_fits(shape[1], rhos):  # a small input: SparseGPT whole on one process (see ridge.py)
+                starts.append(
+                    split_warm_start(weight, stats, sparsity, nm, dampening, block_size, info, saliency, rhos, shard)
+                )
+            else:
+                share_factorisations(stats, dampening, rho, weight.device, shard)
+    if not starts:
+        starts.append(sparsegpt_prune(weight, stats, sparsity, nm, dampening, block_size, info, saliency, shard=shard))
     args = (info, rho, max_iterations, cg_iterations, dampening, starts, shard, checked)
     return _alps(weight, stats, sparsity, nm, *args)
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import torch
 
 from .. import copies
-from ..calibration.distributed import broadcast_tensor
+from ..calibration.distributed import broadcast_object, broadcast_tensor
 from .refit import normalized_hessian
-from .sparsegpt import make_obs_factor, obs_key
+from .sparsegpt import make_obs_factor, obs_key, sparsegpt_prune
 
 CACHE_BYTES = 1 << 30  # ridge inverses kept per input group (the oldest dropped first)
 
@@ -119,3 +119,44 @@ def share_factorisations(stats, dampening: float, rho: float, device, shard) -> 
         factor = (h.masked_fill(dead, 1.0), dead, U_t.mT, float(damp))
     stats.cache[key] = factor
     RidgeInverses.adopt(stats.cache, ridge, rho, inverse)
+
+
+SPLIT_START_BYTES = (
+    64 << 20
+)  # ridge inverses process 1 may make ahead while process 0 runs SparseGPT (n ≤ 2896 for two)
+
+
+def split_warm_start(weight, stats, sparsity, nm, dampening, block_size, info, saliency, rhos, shard) -> torch.Tensor:
+    """A warm solve's start when processes share a small projection's rows (``len(rhos)`` inverses within
+    ``SPLIT_START_BYTES``): process 0 runs SparseGPT on the whole matrix — at such sizes its column-by-column sweep
+    is bound by per-column dispatch and costs about as much on a block of rows — while process 1 makes
+    ``(Hn + ρI)⁻¹`` for each ρ of ``rhos`` (the start's, and the one the schedule's first check picks when the
+    support moves by more than 10 %, as it does from SparseGPT's); then process 0 scatters the start's rows and its
+    ``info``, process 1 broadcasts the inverses. Returns this process's rows of the start; the bits of one process.
+    An inverse made ahead and never read is not counted as made (``RidgeInverses.adopt``)."""
+    device, n = weight.device, weight.shape[1]
+    whole = shard.gather_to(weight, 0)
+    noted = dict(info) if info is not None else None
+    start = None
+    if shard.rank == 0:
+        start = sparsegpt_prune(whole, stats, sparsity, nm, dampening, block_size, info, saliency)
+    del whole
+    ridge = (dampening, str(device))
+    if shard.rank == 1:
+        made = RidgeInverses(normalized_hessian(stats, dampening, device).Hn, stats.cache, ridge)
+        inverses = [made(rho) for rho in rhos]
+    else:
+        inverses = [torch.empty((n, n), device=device) for _ in rhos]
+    local = shard.scatter_from(start, 0, weight)
+    del start
+    if info is not None:
+        info.update(broadcast_object({k: v for k, v in info.items() if noted.get(k, k) != v}, 0))
+    for rho, inverse in zip(rhos, inverses, strict=True):
+        broadcast_tensor(inverse, 1)
+        RidgeInverses.adopt(stats.cache, ridge, rho, inverse)
+    return local
+
+
+def split_start_fits(n: int, rhos) -> bool:
+    """Whether ``split_warm_start`` may make ``len(rhos)`` inverses of an ``n``-wide input ahead."""
+    return len(rhos) * n * n * 4 <= SPLIT_START_BYTES

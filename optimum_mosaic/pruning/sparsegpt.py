@@ -13,12 +13,9 @@ Deviation: the reference thresholds with ``<=`` at index k, pruning k+1 (or more
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from transformers.utils import logging
 
-from ..calibration.distributed import on_whole
 from ..registry import register_method
 from .masks import lowest_k_mask, nm_mask
 
@@ -125,7 +122,7 @@ def sparsegpt_prune(
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
         else:
             k = round(sparsity * rows * i2) - round(sparsity * rows * i1)
-            mask1 = on_whole(functools.partial(lowest_k_mask, k=k), mask_scores(W1, d, h1, saliency), shard)
+            mask1 = lowest_k_mask(mask_scores(W1, d, h1, saliency), k, shard)
         Err1 = torch.empty_like(W1)
         # two-level lazy updates: column by column inside a sub-block, one GEMM for the rest of the block
         sub = -(-SUB_BLOCK // nm[1]) * nm[1] if nm else SUB_BLOCK
