@@ -88,3 +88,12 @@ def model():
 @pytest.fixture
 def tokenizer():
     return char_tokenizer()
+
+
+@pytest.fixture(autouse=True)
+def _token_cache(tmp_path_factory, monkeypatch):
+    """The bundled corpus's token ids are kept in this session's folder, not in the user's cache."""
+    from optimum_mosaic.calibration import data
+
+    folder = tmp_path_factory.getbasetemp() / "tokens"
+    monkeypatch.setattr(data, "token_cache", lambda: folder)

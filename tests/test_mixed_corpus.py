@@ -106,3 +106,42 @@ def test_a_prune_on_the_mixed_corpus_calibrates_on_its_windows_and_says_so(short
     assert PrunedConfig.from_pretrained(tmp_path / "ck").calibration_corpus == "mixed"
     card = (tmp_path / "ck" / "README.md").read_text(encoding="utf-8")
     assert "8 windows × 32 tokens (seed 0) sampled from the mixed corpus bundled with optimum-mosaic" in card
+
+
+def _counting(tokenizer):
+    calls = []
+    original = type(tokenizer).__call__
+
+    class Counted(type(tokenizer)):
+        def __call__(self, *args, **kwargs):
+            calls.append(1)
+            return original(self, *args, **kwargs)
+
+    tokenizer.__class__ = Counted
+    return tokenizer, calls
+
+
+def test_the_corpus_tokens_are_kept_on_disk_and_read_back(short_parts, tmp_path, monkeypatch):
+    monkeypatch.setattr(calibration_data, "token_cache", lambda: tmp_path / "tokens")
+    tokenizer, calls = _counting(char_tokenizer())
+    first = calibration_data.part_ids(tokenizer, "code")
+    files = list((tmp_path / "tokens").glob("code-*.pt"))
+    assert len(calls) == 1 and len(files) == 1 and not list((tmp_path / "tokens").glob(".*"))  # no temporary left
+    expected = char_tokenizer()(short_parts["code"], add_special_tokens=False, return_tensors="pt").input_ids[0]
+    assert torch.equal(first, expected) and first.dtype == torch.long
+    again = calibration_data.part_ids(tokenizer, "code")
+    assert len(calls) == 1 and torch.equal(again, expected) and again.dtype == torch.long  # read, not tokenised
+    files[0].write_bytes(b"not a tensor")  # a damaged file is made again
+    assert torch.equal(calibration_data.part_ids(tokenizer, "code"), expected) and len(calls) == 2
+    assert torch.equal(torch.load(files[0], weights_only=True).long(), expected)
+    other = char_tokenizer()
+    other.backend_tokenizer.pre_tokenizer = None  # another tokenizer: its own file
+    calibration_data.part_ids(other, "code")
+    assert len(list((tmp_path / "tokens").glob("code-*.pt"))) == 2
+
+
+def test_a_cache_that_cannot_be_written_is_passed_over(short_parts, tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(calibration_data, "token_cache", lambda: tmp_path / "file" / "tokens")  # under a file
+    ids = calibration_data.part_ids(char_tokenizer(), "prose")
+    assert ids.numel() == len(short_parts["prose"])  # one token per character

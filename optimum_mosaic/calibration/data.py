@@ -11,13 +11,16 @@ Two corpora ship with the package (``data/README.md`` records sources and licenc
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
+import tempfile
 from importlib import resources
 from pathlib import Path
 
 import torch
 
 from ..exceptions import CalibrationError
+from ..packaged_models import cache_dir
 
 EVALUATION_NOVELS = ("persuasion",)
 CALIBRATION_NOVELS = ("emma", "mansfieldpark", "northangerabbey", "prideprejudice", "sensesensibility")
@@ -65,7 +68,7 @@ def mixed_windows(tokenizer, nsamples: int, seqlen: int, seed: int, holdout: int
     fiction the rest. The calibration windows are then put in one seeded random order."""
     generator = torch.Generator().manual_seed(seed)
     bos = bos_id(tokenizer) if tokenizer else None
-    pools = {p: split_windows(tokenize(tokenizer, load_mixed_part(p), chunk=None), seqlen, bos) for p in MIXED_SHARES}
+    pools = {p: split_windows(part_ids(tokenizer, p), seqlen, bos) for p in MIXED_SHARES}
     calib, held = _shares(nsamples, MIXED_SHARES), _shares(holdout, MIXED_SHARES)
     for part in ("code", "prose"):  # short parts hand their deficit to fiction
         for counts in (calib, held):
@@ -88,6 +91,41 @@ def mixed_windows(tokenizer, nsamples: int, seqlen: int, seed: int, holdout: int
     calibration = torch.cat(out_calib)
     calibration = calibration[torch.randperm(calibration.shape[0], generator=generator)]
     return calibration, torch.cat(out_held)
+
+
+def token_cache() -> Path:
+    """Where ``part_ids`` keeps the bundled corpus's token ids: ``cache_dir()/tokens``."""
+    return cache_dir() / "tokens"
+
+
+def part_ids(tokenizer, part: str) -> torch.Tensor:
+    """The token ids of one part of the mixed corpus, tokenised whole (``tokenize(…, chunk=None)``), kept on disk
+    per tokenizer: the fiction part takes SmolLM2's tokenizer 2.5 s on one core, on every run otherwise. The file is
+    ``token_cache()/<part>-<digest>.pt``, the digest of the tokenizer's serialised state and the part's text;
+    written to a temporary file and renamed. A file that cannot be read is made again; a cache that cannot be
+    written is passed over. A tokenizer without a serialised state (not a fast one) is not cached."""
+    text = load_mixed_part(part)
+    state = getattr(getattr(tokenizer, "backend_tokenizer", None), "to_str", None)
+    if state is None:
+        return tokenize(tokenizer, text, chunk=None)
+    digest = hashlib.sha256(f"{type(tokenizer).__name__}\0{state()}\0{text}".encode()).hexdigest()[:32]
+    path = token_cache() / f"{part}-{digest}.pt"
+    try:
+        return torch.load(path, weights_only=True).long()
+    except Exception:  # noqa: BLE001 - missing or unreadable: made again below
+        pass
+    ids = tokenize(tokenizer, text, chunk=None)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{part}-", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            torch.save(ids.int(), f)
+        os.replace(tmp, path)
+    except OSError:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+    return ids
 
 
 def bos_id(tokenizer) -> int | None:
