@@ -40,6 +40,14 @@ def _gloo(rank: int, init_file: str, timeout: int = 60):
         dist.destroy_process_group()
 
 
+def _on_two_processes(worker, tmp_path):
+    """What ``worker(rank, init_file, out)``, run on 2 forked processes (the children start with the modules already
+    imported), saved to ``out`` from rank 0."""
+    out = tmp_path / "two.pt"
+    mp.start_processes(worker, args=(str(tmp_path / "init"), str(out)), nprocs=2, start_method="fork")
+    return torch.load(out)
+
+
 def _worker(rank: int, init_file: str) -> None:
     with _gloo(rank, init_file):
         assert world() == (rank, 2)
@@ -138,9 +146,7 @@ def _prune_worker(rank: int, init_file: str, out: str) -> None:
 
 def test_two_processes_share_the_solves_and_match_one_process(tmp_path, one_thread, monkeypatch):
     monkeypatch.setattr(distributed, "ROWS_MIN", 0)  # the tiny model's o and down are shared however small
-    out = tmp_path / "two.pt"
-    mp.start_processes(_prune_worker, args=(str(tmp_path / "init"), str(out)), nprocs=2, start_method="fork")
-    two = torch.load(out)
+    two = _on_two_processes(_prune_worker, tmp_path)
     for name, options in PRUNES.items():
         one_calls = []
         one = _tiny_prune(options, one_calls)
@@ -280,9 +286,7 @@ def _row_kernel_worker(rank: int, init_file: str, out: str) -> None:
 def test_row_kernels_on_two_processes_equal_one_process(tmp_path, one_thread):
     from optimum_mosaic.registry import get_method
 
-    out = tmp_path / "rows.pt"
-    mp.start_processes(_row_kernel_worker, args=(str(tmp_path / "init"), str(out)), nprocs=2, start_method="fork")
-    two, one = torch.load(out), _row_kernel_results(None)
+    two, one = _on_two_processes(_row_kernel_worker, tmp_path), _row_kernel_results(None)
     assert two.keys() == one.keys()
     for key, (weight, info) in one.items():
         assert torch.equal(two[key][0], weight), key
@@ -358,9 +362,7 @@ def _selection_worker(rank: int, init_file: str, out: str) -> None:
 
 
 def test_selections_and_cg_stop_over_two_processes_equal_one_process(tmp_path, one_thread):
-    out = tmp_path / "cg.pt"
-    mp.start_processes(_selection_worker, args=(str(tmp_path / "init"), str(out)), nprocs=2, start_method="fork")
-    two, one = torch.load(out), _cg_results(None)
+    two, one = _on_two_processes(_selection_worker, tmp_path), _cg_results(None)
     assert one[True][1] < 30 and one[False][1] == 30  # the dense support converges, the sparse one runs every step
     for dense in (True, False):
         assert torch.equal(two[dense][0], one[dense][0]) and two[dense][1] == one[dense][1], dense

@@ -4,7 +4,8 @@ that initialises ``torch.distributed`` (``accelerate launch``, ``torchrun``; the
 The solves are shared too: each process prunes a share of each layer's projections (``split_solves``) and
 broadcasts its results, so all processes end with the same model; a projection that outweighs a process's share
 (Llama-3-8B's ``down_proj``) is solved by all of them, each a block of its rows (``RowShard``), with every
-selection over the whole matrix made on the gathered matrix, so the result is that of one process."""
+selection over the whole matrix made as one process makes it (on the gathered matrix, or for a large one from
+exchanged samples and counts: ``masks.kth_smallest``), so the result is that of one process."""
 
 from __future__ import annotations
 
@@ -143,41 +144,41 @@ class RowShard:
         """This process's rows of ``whole``."""
         return whole[self.start : self.stop]
 
+    def _padded(self, block: torch.Tensor) -> torch.Tensor:
+        """``block`` with zero rows appended up to the longest block's height (gloo exchanges equal sizes)."""
+        width = -(-self.rows // self.size)
+        if block.shape[0] < width:
+            block = torch.cat([block, block.new_zeros((width - block.shape[0], *block.shape[1:]))])
+        return block.contiguous()
+
+    def _unpadded(self, stacked: torch.Tensor) -> torch.Tensor:
+        """The whole matrix from every process's padded block, stacked in rank order."""
+        if self.rows % self.size == 0:
+            return stacked
+        width = -(-self.rows // self.size)
+        return torch.cat(
+            [stacked[r * width : r * width + b - a] for r, (a, b) in enumerate(map(self.bounds, range(self.size)))]
+        )
+
     def gather(self, local: torch.Tensor) -> torch.Tensor:
         """The whole matrix from every process's block of rows, in row order, on every process."""
-        width = -(-self.rows // self.size)
-        out = local.new_empty((self.size * width, *local.shape[1:]))
-        if local.shape[0] < width:  # gloo gathers equal sizes: pad the shorter blocks
-            local = torch.cat([local, local.new_zeros((width - local.shape[0], *local.shape[1:]))])
-        torch.distributed.all_gather(list(out.split(width)), local.contiguous())
-        if self.rows % self.size == 0:
-            return out
-        blocks = (out[r * width : r * width + b - a] for r, (a, b) in enumerate(map(self.bounds, range(self.size))))
-        return torch.cat(list(blocks))
+        local = self._padded(local)
+        out = local.new_empty((self.size * local.shape[0], *local.shape[1:]))
+        torch.distributed.all_gather(list(out.split(local.shape[0])), local)
+        return self._unpadded(out)
 
     def gather_to(self, local: torch.Tensor, dst: int) -> torch.Tensor | None:
         """The whole matrix on process ``dst`` (None on the others): half the traffic of ``gather``."""
-        width = -(-self.rows // self.size)
-        if local.shape[0] < width:
-            local = torch.cat([local, local.new_zeros((width - local.shape[0], *local.shape[1:]))])
-        out = local.new_empty((self.size * width, *local.shape[1:])) if self.rank == dst else None
-        torch.distributed.gather(local.contiguous(), list(out.split(width)) if out is not None else None, dst)
-        if out is None or self.rows % self.size == 0:
-            return out
-        return torch.cat(
-            [out[r * width : r * width + b - a] for r, (a, b) in enumerate(map(self.bounds, range(self.size)))]
-        )
+        local = self._padded(local)
+        out = local.new_empty((self.size * local.shape[0], *local.shape[1:])) if self.rank == dst else None
+        torch.distributed.gather(local, list(out.split(local.shape[0])) if out is not None else None, dst)
+        return None if out is None else self._unpadded(out)
 
     def scatter_from(self, whole: torch.Tensor | None, src: int, like: torch.Tensor) -> torch.Tensor:
-        """This process's rows of process ``src``'s ``whole`` (``like``: a tensor of this process's rows' shape and
-        dtype, e.g. its block of the input)."""
-        width = -(-self.rows // self.size)
-        out = like.new_empty((width, *like.shape[1:]))
-        parts = None
-        if self.rank == src:
-            blocks = [whole[a:b] for a, b in map(self.bounds, range(self.size))]
-            pad = lambda t: torch.cat([t, t.new_zeros((width - t.shape[0], *t.shape[1:]))]) if t.shape[0] < width else t  # noqa: E731
-            parts = [pad(t).contiguous() for t in blocks]
+        """This process's rows of process ``src``'s ``whole`` (``like``: this process's block of a matrix of the same
+        shape and dtype, e.g. of the input)."""
+        out = self._padded(like.new_empty(like.shape))
+        parts = [self._padded(whole[a:b]) for a, b in map(self.bounds, range(self.size))] if self.rank == src else None
         torch.distributed.scatter(out, parts, src)
         return out[: self.stop - self.start]
 

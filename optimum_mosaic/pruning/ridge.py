@@ -1,6 +1,7 @@
 """The factorisations of the Hessian the ALPS kernels read (``alps.py``): ridge inverses ``(Hn + ρI)⁻¹`` per ρ, cached
 for the projections of one input group, and — when processes share a projection's rows — the first two
-factorisations a warm solve needs, made once each on two processes and swapped."""
+factorisations a warm solve needs, made once each on two processes and swapped, or at a small input the inverses
+made ahead on one process while the other runs SparseGPT (``split_warm_start``)."""
 
 from __future__ import annotations
 
@@ -121,9 +122,7 @@ def share_factorisations(stats, dampening: float, rho: float, device, shard) -> 
     RidgeInverses.adopt(stats.cache, ridge, rho, inverse)
 
 
-SPLIT_START_BYTES = (
-    64 << 20
-)  # ridge inverses process 1 may make ahead while process 0 runs SparseGPT (n ≤ 2896 for two)
+SPLIT_START_BYTES = 64 << 20  # inverses made ahead by process 1 while process 0 runs SparseGPT (two: n ≤ 2896)
 
 
 def split_warm_start(weight, stats, sparsity, nm, dampening, block_size, info, saliency, rhos, shard) -> torch.Tensor:
@@ -150,7 +149,7 @@ def split_warm_start(weight, stats, sparsity, nm, dampening, block_size, info, s
     local = shard.scatter_from(start, 0, weight)
     del start
     if info is not None:
-        info.update(broadcast_object({k: v for k, v in info.items() if noted.get(k, k) != v}, 0))
+        info.update(broadcast_object({k: v for k, v in info.items() if k not in noted or noted[k] != v}, 0))
     for rho, inverse in zip(rhos, inverses, strict=True):
         broadcast_tensor(inverse, 1)
         RidgeInverses.adopt(stats.cache, ridge, rho, inverse)
