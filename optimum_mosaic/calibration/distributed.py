@@ -92,8 +92,8 @@ def split_solves(shapes: dict[str, tuple[int, int]], size: int, rows: bool = Fal
     share (``total / size``) is solved by all processes, each a block of its rows (owner ``ROWS``), which costs each
     ``rows·cols²/size + cols³`` (the factorisation is repeated); the others are balanced on top. E.g. ``o`` or
     ``down`` alone in its input group, or ``down`` among all seven at a Llama-3-8B layer. Not below ``ROWS_MIN``
-    entries: SmolLM2's 576 × 576 ``o`` takes longer shared by two processes than whole on one (each exchange costs
-    ~0.2 ms on gloo), its 576 × 1536 ``down`` less."""
+    entries: each exchange costs a fixed latency, and SmolLM2's 576 × 576 ``o`` took longer shared by two processes
+    than whole on one (``results/distributed_breakdown_smollm2_{1proc,2proc}.json``), its 576 × 1536 ``down`` less."""
     load = [0] * size
     owners = {}
     total = sum(solve_cost(s) for s in shapes.values())
