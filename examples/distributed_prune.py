@@ -93,8 +93,9 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
     forks = argparse.ArgumentParser(add_help=False)
     forks.add_argument("--procs", type=int, default=1)
-    if forks.parse_known_args()[0].procs > 1 and "WORLD_SIZE" not in os.environ:
-        launch_here(sys.argv[1:], forks.parse_known_args()[0].procs)
+    procs = forks.parse_known_args()[0].procs
+    if procs > 1 and "WORLD_SIZE" not in os.environ:
+        launch_here(sys.argv[1:], procs)
     else:
         main()
     if dist.is_initialized():

@@ -343,11 +343,13 @@ def _cg_results(shard):
     from optimum_mosaic.pruning.refit import masked_cg
 
     out = {}
+    local = (lambda t: t) if shard is None else shard.local
     for dense in (True, False):  # converges (the gathered test stops it) / cannot (a flag settles each step)
-        A, W, support = _cg_problem(dense)
-        local = (lambda t: t) if shard is None else shard.local
-        B, steps = masked_cg(A, None, local(W * support), local(support), 30, 1e-4, "unmasked", local(W), shard)
-        out[dense] = (B if shard is None else shard.gather(B), steps)
+        for given in (False, True):  # W (the bound ‖W‖·‖A_j‖ first) or Y = W A (its column norms)
+            A, W, support = _cg_problem(dense)
+            Y = local(W @ A) if given else None
+            B, steps = masked_cg(A, Y, local(W * support), local(support), 30, 1e-4, "unmasked", local(W), shard)
+            out[dense, given] = (B if shard is None else shard.gather(B), steps)
     return out
 
 
@@ -363,6 +365,8 @@ def _selection_worker(rank: int, init_file: str, out: str) -> None:
 
 def test_selections_and_cg_stop_over_two_processes_equal_one_process(tmp_path, one_thread):
     two, one = _on_two_processes(_selection_worker, tmp_path), _cg_results(None)
-    assert one[True][1] < 30 and one[False][1] == 30  # the dense support converges, the sparse one runs every step
-    for dense in (True, False):
-        assert torch.equal(two[dense][0], one[dense][0]) and two[dense][1] == one[dense][1], dense
+    for given in (False, True):  # the dense support converges, the sparse one runs every step
+        assert one[True, given][1] < 30 and one[False, given][1] == 30
+    assert one.keys() == two.keys() and len(one) == 4
+    for key in one:
+        assert torch.equal(two[key][0], one[key][0]) and two[key][1] == one[key][1], key

@@ -210,6 +210,11 @@ class RowShard:
         rows = self.concat(torch.tensor(values, dtype=torch.int64), [len(values)] * self.size)
         return rows.view(self.size, len(values)).tolist()
 
+    def sum_in_place(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over the processes, in place (e.g. per-column float64 partial sums)."""
+        torch.distributed.all_reduce(tensor)
+        return tensor
+
     def sum(self, value: float) -> float:
         """``value`` summed over the processes (counts are exact; float sums in rank order)."""
         t = torch.tensor([value], dtype=torch.float64)

@@ -182,9 +182,7 @@ class UnmaskedStop:
 def column_norms(M: torch.Tensor, shard) -> torch.Tensor:
     """The column norms of the whole matrix (``M``: this process's rows), summed in float64 over the processes (the
     last bits differ from one process's ``norm(dim=0)``: for bounds, not for decisions)."""
-    sq = M.double().square().sum(0)
-    torch.distributed.all_reduce(sq)
-    return sq.sqrt().float()
+    return shard.sum_in_place(M.double().square().sum(0)).sqrt().float()
 
 
 def exceeds(full: torch.Tensor, bound: torch.Tensor, shard) -> bool:
