@@ -44,6 +44,7 @@ RUNS = {
     "ALPS-warm, Austen, δ 0.3": dict(allocation="uniform", pruner="alps_warm", dampening=0.3, **AUSTEN),
     "ALPS-warm, mixed corpus, δ 0.1": dict(allocation="uniform", pruner="alps_warm", dampening=0.1),
     "ALPS-warm, mixed corpus, ρ₀ 0.3, 12 iterations": dict(admm_rho=0.3, admm_iterations=12),  # layer_error.py's best
+    "ALPS-warm, mixed corpus, dense target": dict(dense_target=True),  # solved for the dense model's outputs
     "uniform ALPS": dict(allocation="uniform", pruner="alps", **AUSTEN),
     "uniform ALPS, mixed corpus": dict(allocation="uniform", pruner="alps"),  # full ADMM + PCG on the default corpus
     "projection (auto) SparseGPT": dict(allocation="projection", pruner="sparsegpt", **AUSTEN),  # before issue 12

@@ -13,7 +13,8 @@ from functools import partial
 
 import torch
 
-from optimum_mosaic.pruning.alps import _kept, _project, alps_prune
+from optimum_mosaic.pruning.alps import _project, alps_prune
+from optimum_mosaic.pruning.masks import kept_count as _kept
 from optimum_mosaic.pruning.refit import masked_cg, normalized_problem, refit
 from optimum_mosaic.pruning.sparsegpt import sparsegpt_prune
 from optimum_mosaic.pruning.wanda import wanda_prune

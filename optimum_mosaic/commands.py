@@ -83,6 +83,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         choices = _CHOICES.get(f.name)
         if typing.get_origin(hint) is list:
             group.add_argument(flag, nargs="+", default=None, choices=choices, help=text)
+        elif hint is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif str in args and float in args:
             group.add_argument(flag, type=_number_or_auto, default=None, metavar="NUMBER|auto", help=text)
         else:

@@ -140,6 +140,15 @@ class PrunedConfig:
             "dense layer, then a second forward of the pruned layer (two forwards per layer)."
         },
     )
+    dense_target: bool = field(
+        default=False,
+        metadata={
+            "help": "alps, alps_warm: solve each projection for the dense model's outputs, ‖XŴᵀ − X_dWᵀ‖² (X_d: the "
+            "dense model's inputs of the same tokens), instead of its own outputs on the pruned inputs, ‖XŴᵀ − XWᵀ‖²: "
+            "each layer also corrects the error the pruned layers before it left. A second, dense stream of "
+            "activations is walked beside the pruned one."
+        },
+    )
     search_samples: int = field(
         default=8, metadata={"help": "Extra held-out calibration windows that score the 'auto' λ/M candidates."}
     )
@@ -291,6 +300,15 @@ class PrunedConfig:
             _check(value is None or int(value) >= 0, name, f"must be None or an integer >= 0, got {value}")
         rho = self.admm_rho
         _check(rho is None or (_is_number(rho) and rho > 0), "admm_rho", f"must be None or a number > 0, got {rho!r}")
+        _check(isinstance(self.dense_target, bool), "dense_target", f"must be True or False, got {self.dense_target!r}")
+        if self.dense_target:
+            _check(
+                self.pruner in ("alps", "alps_warm"),
+                "dense_target",
+                f"is solved by pruner 'alps' or 'alps_warm' only, not {self.pruner!r}",
+            )
+            _check(self.sequential == "projection", "dense_target", "needs sequential='projection'")
+            _check(not self.structured_sparsity, "dense_target", "cannot be combined with structured removal yet")
         unknown = sorted(set(self.targets) - set(PROJECTIONS))
         _check(
             not unknown and self.targets,

@@ -25,6 +25,7 @@ from .calibration.distributed import (
 from .calibration.layerwise import (
     Activations,
     collect_statistics,
+    dense_inputs,
     forward_layer,
     forward_pruning,
     layer_halves,
@@ -53,6 +54,7 @@ class LayerWalk:
         self.model, self.spec, self.device, self.store = model, spec, device, store
         self.dampening: dict[str, float] = {}
         self.row_kernel = False  # the kernel of the current prune can solve a block of rows (``RowShard``)
+        self.dense: Activations | None = None  # ``dense_target``: the dense model's activations of the current layer
 
     def resident(self, idx: int, write: bool = False):
         """Layer ``idx`` on the execution device for a block (loaded from disk and written back when offloaded)."""
@@ -102,6 +104,7 @@ class LayerWalk:
         prune = functools.partial(self._prune_one, targets, plan, kernel, config)
         walk = bool(kernel.needs or cuts)  # the layers must see the outputs of the pruned layers before them
         desc = f"Pruning ({kernel.name}{', ' + label if label else ''})"
+        self.dense = acts.clone() if config.dense_target else None  # the dense model's stream, beside the pruned one
         for idx in tqdm(range(last + 1), desc=desc):
             with self.resident(idx, write=self.store is not None) as layer:
                 propagate = walk and idx < last
@@ -152,6 +155,8 @@ class LayerWalk:
         hessian = "hessian" in kernel.needs
         stats = self._remove_units(layer, acts, idx, targets, cut, config, hessian) if cut else None
         if idx not in targets or not kernel.needs:
+            if self.dense is not None and propagate:
+                self.dense.hidden = forward_layer(layer, self.dense, idx, "in_place")
             self._solve(targets, idx, list(targets.get(idx, {})), lambda p: None, prune)
             if propagate:
                 acts.hidden = forward_layer(layer, acts, idx, "in_place")
@@ -212,4 +217,5 @@ class LayerWalk:
             self._solve(targets, idx, members[owner], lambda p: stats, prune)
 
         hooked = {o: targets[idx][o] for o in members}
-        return forward_pruning(layer, acts, idx, hooked, hessian, prune_group, layer_halves(layer, self.spec))
+        dense = dense_inputs(layer, self.dense, idx, hooked) if self.dense is not None else None
+        return forward_pruning(layer, acts, idx, hooked, hessian, prune_group, layer_halves(layer, self.spec), dense)

@@ -102,6 +102,7 @@ PRUNES = {
     "default (projection walk)": dict(),
     "sparsegpt, layer walk": dict(pruner="sparsegpt", sequential="layer"),
     "composite": dict(structured_sparsity=0.2),
+    "dense target": dict(dense_target=True),
 }
 
 

@@ -42,7 +42,7 @@ def all_reduce_statistics(stats: InputStatistics) -> InputStatistics:
         return stats
     dist = torch.distributed
     dist.all_reduce(stats.sumsq)
-    for part in (stats.hessian, stats.total):
+    for part in (stats.hessian, stats.total, stats.cross):
         if part is not None:
             dist.all_reduce(part)
     tokens = torch.tensor([stats.tokens], dtype=torch.float64, device=stats.sumsq.device)

@@ -149,13 +149,35 @@ def forward_layer(layer: nn.Module, acts: Activations, index: int, outputs: str 
     return out
 
 
-def _accumulators(inputs: dict[str, nn.Linear], hessian: bool | Collection[str]) -> dict[str, InputStatistics]:
-    """Empty float64 sums per input; ``hessian``: for all of them, or for the names it lists."""
+def _accumulators(
+    inputs: dict[str, nn.Linear], hessian: bool | Collection[str], cross: Collection[str] = ()
+) -> dict[str, InputStatistics]:
+    """Empty float64 sums per input; ``hessian``: for all of them, or for the names it lists; ``cross``: the names
+    that also keep ``X_dᵀX`` (dense inputs given)."""
     wants = (lambda name: hessian) if isinstance(hessian, bool) else (lambda name: name in hessian)
     return {
-        name: InputStatistics.empty(lin.in_features, wants(name), lin.weight.device, torch.float64)
+        name: InputStatistics.empty(lin.in_features, wants(name), lin.weight.device, torch.float64, name in cross)
         for name, lin in inputs.items()
     }
+
+
+@torch.inference_mode()
+def dense_inputs(layer: nn.Module, acts: Activations, index: int, inputs: dict[str, nn.Linear]):
+    """The dense model's stream through ``layer`` (not yet pruned): the input of each given linear for every window
+    ([n, seqlen, d], what ``forward_pruning(dense=…)`` pairs with the pruned inputs), and the layer's outputs (the
+    stream's next inputs, written over ``acts.hidden``)."""
+    seen: dict[str, list] = {name: [] for name in inputs}
+    handles = [
+        lin.register_forward_pre_hook(lambda mod, args, sink=seen[name]: sink.append(args[0].detach().clone()))
+        for name, lin in inputs.items()
+    ]
+    try:
+        forward_layer(layer, acts, index, "in_place")
+    finally:
+        for h in handles:
+            h.remove()
+    n, seqlen = acts.hidden.shape[:2]
+    return {name: torch.cat(parts).reshape(n, seqlen, -1) for name, parts in seen.items()}
 
 
 @torch.inference_mode()
@@ -214,6 +236,7 @@ def forward_pruning(
     hessian: bool,
     prune: Callable[[str, InputStatistics], None],
     halves: Halves | None = None,
+    dense: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Outputs of ``layer`` over every cached input, calling ``prune(name, stats)`` with the statistics of each
     given linear's whole input just before that linear runs (so it runs pruned). All windows in one batch: one
@@ -223,9 +246,11 @@ def forward_pruning(
     With ``halves``, once the attention's projections are pruned each window's input is replaced by h₁ (one forward
     of the attention half) and every later forward skips the attention, which was recomputed for ``gate``/``up``,
     ``down`` and the outputs (forward stage 1704 → 1288 s per Llama-3-8B layer at 128 × 2048 tokens,
-    ``benchmarks/results/scale_llama3-8b.json``). Same bits either way."""
+    ``benchmarks/results/scale_llama3-8b.json``). Same bits either way. ``dense``: the dense model's inputs of the
+    given linears (``dense_inputs``), paired window by window with the pruned ones in each one's ``cross``."""
+    dense = dense or {}
     if acts.batch_size >= acts.hidden.shape[0]:
-        return _forward_pruning_at_once(layer, acts, index, inputs, hessian, prune)
+        return _forward_pruning_at_once(layer, acts, index, inputs, hessian, prune, dense)
     pending, in_mlp_half = dict(inputs), False
     attention_inputs = {name for name, lin in inputs.items() if halves is not None and halves.holds(lin)}
     while pending:
@@ -233,7 +258,7 @@ def forward_pruning(
             _enter_mlp_half(layer, acts, index, halves)
             in_mlp_half = True
         with _zero_attention(halves) if in_mlp_half else contextlib.nullcontext():
-            name, stats = _reach(layer, acts, index, pending, hessian)
+            name, stats = _reach(layer, acts, index, pending, hessian, dense)
         prune(name, all_reduce_statistics(stats).finalize())
         del pending[name]
     with _zero_attention(halves) if in_mlp_half else contextlib.nullcontext():
@@ -280,11 +305,11 @@ def _zero_attention(halves: Halves):
             attention.forward = own
 
 
-def _forward_pruning_at_once(layer, acts, index, inputs, hessian, prune) -> torch.Tensor:
+def _forward_pruning_at_once(layer, acts, index, inputs, hessian, prune, dense) -> torch.Tensor:
     def before(name: str):
         def hook(mod, args):
-            stats = _accumulators({name: mod}, hessian)[name]
-            stats.update(args[0], acts.hidden.shape[1])
+            stats = _accumulators({name: mod}, hessian, dense)[name]
+            stats.update(args[0], acts.hidden.shape[1], dense.get(name))
             prune(name, all_reduce_statistics(stats).finalize())
 
         return hook
@@ -302,7 +327,7 @@ class _Reached(Exception):
     """Ends a partial forward: the input it was run for has been seen."""
 
 
-def _reach(layer, acts, index, pending: dict[str, nn.Linear], hessian: bool) -> tuple[str, InputStatistics]:
+def _reach(layer, acts, index, pending: dict[str, nn.Linear], hessian: bool, dense) -> tuple[str, InputStatistics]:
     """The first of ``pending``'s linears that ``layer`` runs, with the statistics of its input over every batch
     (each batch's forward is stopped there)."""
     seen: dict = {}
@@ -310,10 +335,11 @@ def _reach(layer, acts, index, pending: dict[str, nn.Linear], hessian: bool) -> 
     def before(name: str):
         def hook(mod, args):
             if "name" not in seen:
-                seen.update(name=name, stats=_accumulators({name: mod}, hessian)[name])
+                seen.update(name=name, stats=_accumulators({name: mod}, hessian, dense)[name])
             elif seen["name"] != name:
                 raise RuntimeError(f"layer {index} ran {name} before {seen['name']} in a later batch")
-            seen["stats"].update(args[0], acts.hidden.shape[1])
+            paired = dense[name][seen["batch"]] if name in dense else None
+            seen["stats"].update(args[0], acts.hidden.shape[1], paired)
             raise _Reached
 
         return hook
@@ -321,6 +347,7 @@ def _reach(layer, acts, index, pending: dict[str, nn.Linear], hessian: bool) -> 
     handles = [lin.register_forward_pre_hook(before(name)) for name, lin in pending.items()]
     try:
         for b in acts.batches():
+            seen["batch"] = b
             try:
                 layer(acts.hidden[b], **acts.layer_kwargs[index])
             except _Reached:

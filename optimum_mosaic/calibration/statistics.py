@@ -25,34 +25,38 @@ GRAM_ROWS = 1024  # rows of one strip of XᵀX's lower triangle; one strip's pro
 @dataclass
 class InputStatistics:
     """For the inputs ``X`` (tokens × d) of one linear layer: ``sumsq_j = Σ_t x_tj²`` (Wanda's ‖X_j‖²),
-    optionally ``hessian = XᵀX`` (SparseGPT's H up to a constant) with ``total = Σ_t x_t``, and the token count."""
+    optionally ``hessian = XᵀX`` (SparseGPT's H up to a constant) with ``total = Σ_t x_t``, and the token count.
+    With the dense model's inputs ``X_d`` of the same tokens (``update(x, dense=…)``), also ``cross = X_dᵀX``: the
+    linear term of ``‖XŴᵀ − X_dWᵀ‖²``, the error against the dense model's outputs (``PrunedConfig.dense_target``)."""
 
     sumsq: torch.Tensor
     hessian: torch.Tensor | None = None
     tokens: int = 0
     total: torch.Tensor | None = None
+    cross: torch.Tensor | None = None
     cache: dict = field(default_factory=dict, repr=False, compare=False)  # derived data (e.g. factors)
     # set by the walk before the last projection that reads these statistics: kernels need not cache for later readers
     final_read: bool = field(default=False, repr=False, compare=False)
 
     @classmethod
-    def empty(cls, features: int, hessian: bool, device=None, dtype=torch.float32) -> InputStatistics:
+    def empty(cls, features: int, hessian: bool, device=None, dtype=torch.float32, cross=False) -> InputStatistics:
         h = torch.zeros(features, features, dtype=dtype, device=device) if hessian else None
         total = torch.zeros(features, dtype=dtype, device=device) if hessian else None
-        return cls(torch.zeros(features, dtype=dtype, device=device), h, 0, total)
+        c = torch.zeros(features, features, dtype=dtype, device=device) if cross else None
+        return cls(torch.zeros(features, dtype=dtype, device=device), h, 0, total, c)
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor, seqlen: int | None = None) -> None:
+    def update(self, x: torch.Tensor, seqlen: int | None = None, dense: torch.Tensor | None = None) -> None:
         """Add the inputs ``x`` ([..., seqlen, d] or [tokens, d]) one window at a time: the last-but-one axis, or
-        ``seqlen`` rows of a flattened input (OPT flattens its MLP's; without it, one window of all rows)."""
+        ``seqlen`` rows of a flattened input (OPT flattens its MLP's; without it, one window of all rows). ``dense``:
+        the dense model's inputs of the same tokens, same shape (for ``cross``)."""
         self.cache.clear()
-        if x.dim() > 2:
-            windows = x.reshape(-1, x.shape[-2], x.shape[-1])
-        elif seqlen and x.shape[0] % seqlen == 0:
-            windows = x.reshape(-1, seqlen, x.shape[-1])
-        else:
-            windows = x.unsqueeze(0)
-        for w in windows:
+        windows, dense_windows = _windows(x, seqlen), None if dense is None else _windows(dense, seqlen)
+        if (dense_windows is None) != (self.cross is None):
+            raise ValueError("dense inputs are needed exactly when the statistics keep a cross term")
+        for i, w in enumerate(windows):
+            if dense_windows is not None:
+                self.cross += dense_windows[i].float().T @ w.float()
             w = w.float()
             self.sumsq += w.square().sum(0)
             if self.hessian is not None:
@@ -70,6 +74,8 @@ class InputStatistics:
         if self.hessian is not None:
             self.hessian += other.hessian
             self.total += other.total
+        if self.cross is not None:
+            self.cross += other.cross
         self.tokens += other.tokens
 
     def finalize(self) -> InputStatistics:
@@ -78,7 +84,16 @@ class InputStatistics:
         self.sumsq = self.sumsq.float()
         self.hessian = self.hessian.float() if self.hessian is not None else None
         self.total = self.total.float() if self.total is not None else None
+        self.cross = self.cross.float() if self.cross is not None else None
         return self
+
+
+def _windows(x: torch.Tensor, seqlen: int | None) -> torch.Tensor:
+    if x.dim() > 2:
+        return x.reshape(-1, x.shape[-2], x.shape[-1])
+    if seqlen and x.shape[0] % seqlen == 0:
+        return x.reshape(-1, seqlen, x.shape[-1])
+    return x.unsqueeze(0)
 
 
 def copy_lower_to_upper(H: torch.Tensor) -> None:

@@ -21,6 +21,9 @@ Orientation: our weight is ``W`` (d_out × d_in) and ``H = XᵀX`` (d_in × d_in
    warm start ``P_k(B)``, ≤ ``cg_iterations`` steps, rtol 1e-4 (unit diag(Hn) = Jacobi preconditioning).
 6. ``Ŵ = Ŵn / x``.
 
+With ``stats.cross = X_dᵀX`` (``PrunedConfig.dense_target``: the dense model's inputs ``X_d``) the problem is
+``‖XŴᵀ − X_dWᵀ‖²``: the same with ``Y = Wn Hn + W(C − H)/x`` (``refit.target_shift``), in the B-step, ``V₀`` and CG.
+
 Deviations from the reference code: (a) CG keeps the reference's stopping test on the *unmasked* residual
 ``‖Y − B Hn‖`` per input coordinate (rtol against ``‖Y_{:,j}‖``), which a sparse support cannot meet, so in
 practice all ``cg_iterations`` steps run; that residual is carried by the CG recurrence instead of a fresh
@@ -74,8 +77,8 @@ import torch
 from ..calibration.distributed import total
 from ..registry import register_method
 from . import masks
-from .masks import kth_smallest
-from .refit import normalized_hessian, normalized_key, refit_on_support, scaled_weights
+from .masks import already_pruned, kept_count, kth_smallest, whole_shape
+from .refit import normalized_hessian, normalized_key, refit_on_support, scaled_weights, target_shift
 from .ridge import RidgeInverses, share_factorisations, split_start_fits, split_warm_start
 from .sparsegpt import sparsegpt_prune
 
@@ -171,15 +174,16 @@ def _project(Z: torch.Tensor, k: int, nm: tuple[int, int] | None, shard=None) ->
     return Z * support, support
 
 
-def b_step(Wn, D, V, rho: float, inv: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
+def b_step(Wn, D, V, rho: float, inv: torch.Tensor, overwrite: bool = False, shift=None) -> torch.Tensor:
     """ADMM's B-step ``(Y − V + ρD)(Hn + ρI)⁻¹`` with ``Y = Wn Hn``, written ``Wn + (ρ(D − Wn) − V)(Hn + ρI)⁻¹``
     (``Y(Hn + ρI)⁻¹ = Wn − ρWn(Hn + ρI)⁻¹``): one product, and ``Y`` is never formed. ``overwrite``: ``D``'s memory
     holds ``ρ(D − Wn) − V`` (D is garbage after; one ``d_out × d_in`` buffer less, the same bits)."""
     T = D.sub_(Wn) if overwrite else D - Wn
-    return torch.addmm(Wn, T.mul_(rho).sub_(V), inv)
+    T = T.mul_(rho).sub_(V)
+    return torch.addmm(Wn, T if shift is None else T.add_(shift), inv)  # ``shift``: Y = Wn Hn + shift
 
 
-def admm(Wn, k: int, nm, rho: float, max_iterations: int, inverse: RidgeInverses, start=None, shard=None):
+def admm(Wn, k: int, nm, rho: float, max_iterations: int, inverse: RidgeInverses, start=None, shard=None, shift=None):
     """Steps 2–4 on the normalised problem (``Hn`` is ``inverse``'s, parked once ``V₀`` is made: see
     ``RidgeInverses.park``); returns the last primal ``B`` and the schedule's final state.
 
@@ -207,6 +211,7 @@ def admm(Wn, k: int, nm, rho: float, max_iterations: int, inverse: RidgeInverses
         start = start.pop()
     if warm:
         B, D, V, last_support = start, start, (Wn - start) @ inverse.hessian(), start != 0
+        V = V if shift is None else V.add_(shift)
     else:
         B, D, V, last_support = cold()
     del start
@@ -216,7 +221,7 @@ def admm(Wn, k: int, nm, rho: float, max_iterations: int, inverse: RidgeInverses
     for iteration in range(max_iterations):
         if not solved:
             B = None  # the B-step does not read the old primal: free it first
-            B = b_step(Wn, D, V, rho, inverse(rho), overwrite=True)
+            B = b_step(Wn, D, V, rho, inverse(rho), overwrite=True, shift=shift)
             D = None  # garbage: the B-step wrote its operand there
         solved = False
         Z = torch.add(B, V, alpha=1.0 / rho, out=V)  # in V's memory: read by nothing after Z
@@ -239,42 +244,6 @@ def admm(Wn, k: int, nm, rho: float, max_iterations: int, inverse: RidgeInverses
             break
         last_support = support
     return B, dict(iterations=done, rho=rho, restarts=restarts, support_change=ratio, inverses=inverse.made)
-
-
-def _kept(shape: tuple[int, int], sparsity: float, nm) -> int:
-    rows, cols = shape
-    if not nm:
-        return rows * cols - int(round(sparsity * rows * cols))
-    n, m = nm
-    if cols % m:
-        raise ValueError(f"N:M pattern {n}:{m} needs the input size ({cols}) to be a multiple of {m}")
-    return rows * cols - n * (rows * cols // m)
-
-
-def already_pruned(weight: torch.Tensor, stats, sparsity: float, nm, info: dict | None, dampening: float, shard=None):
-    """``weight`` with its dead inputs zeroed when that already holds the target's zeros (at least
-    ``round(s·numel)``, or ``n`` in every group of ``m``), else None. Such a matrix is its own optimum (layer loss
-    0); ADMM and CG would return it only up to float32 rounding, and where a kept weight is smaller than that
-    rounding (or a dead input freed a place in the support) they fill the support from the noise at existing
-    zeros — ±1e-6 weights where the matrix had exact zeros. So it is returned as it is. (``shard``: ``weight`` is
-    this process's rows; the zeros of every process's rows are counted.)"""
-    held = weight.masked_fill(torch.diag(stats.hessian).to(weight.device) == 0, 0.0)
-    zero = held == 0
-    if nm:
-        n, m = nm
-        _kept(weight.shape, sparsity, nm)  # the N:M shape check
-        short = int(torch.count_nonzero(torch.count_nonzero(zero.reshape(weight.shape[0], -1, m), dim=-1) < n))
-        enough = total(short, shard) == 0
-    else:
-        shape = _shape(weight, shard)
-        enough = total(int(torch.count_nonzero(zero)), shard) >= shape[0] * shape[1] - _kept(shape, sparsity, nm)
-    if not enough:
-        return None
-    if info is not None:
-        info.update(iterations=0, cg_iterations=0, inverses=0, dampening=dampening, existing_zeros=True)
-        if info.get("measure_error", False):
-            info["error"] = 0.0
-    return held
 
 
 @torch.no_grad()
@@ -301,26 +270,22 @@ def alps_prune(
     return _alps(weight, stats, sparsity, nm, info, rho, max_iterations, cg_iterations, dampening, starts, shard)
 
 
-def _shape(weight: torch.Tensor, shard) -> tuple[int, int]:
-    """The whole matrix's shape (``weight`` may be one process's rows of it)."""
-    return (weight.shape[0] if shard is None else shard.rows, weight.shape[1])
-
-
 def _alps(
     weight, stats, sparsity, nm, info, rho, max_iterations, cg_iterations, dampening, starts: list, shard=None,
-    checked: bool = False,
+    checked: bool = False, shifts=(),
 ):  # fmt: skip
     """``alps_prune``'s body; ``starts`` holds the warm start (or nothing) and is emptied, so a start made for this
     call (``alps_warm``'s SparseGPT weights) is held by nothing once it is scaled. ``checked``: the caller has
     already asked ``already_pruned``."""
-    shape = _shape(weight, shard)
-    k = _kept(shape, sparsity, nm)
+    shape = whole_shape(weight, shard)
+    k = kept_count(shape, sparsity, nm)
     if k == shape[0] * shape[1] or k == 0:
         return weight.clone() if k else torch.zeros_like(weight)
     held = None if checked else already_pruned(weight, stats, sparsity, nm, info, dampening, shard)
     if held is not None:
         return held
     final = getattr(stats, "final_read", False)  # no later projection reads these statistics
+    shift = shifts.pop() if shifts else target_shift(weight, stats)
     norm = normalized_hessian(stats, dampening, weight.device)
     if final:  # the solve's references are the only ones: ``inverse`` may park Hn while ADMM iterates
         stats.cache.pop(normalized_key(dampening, weight.device))
@@ -329,7 +294,8 @@ def _alps(
     inverse = RidgeInverses(norm.Hn, stats.cache, (dampening, str(weight.device)), parkable=final)
     del norm
     box = [starts.pop().float() * x] if starts else None  # ADMM frees the scaled start once its iterates move on
-    B, state = admm(Wn, k, nm, rho, max_iterations, inverse, box, shard)
+    shift = None if shift is None else shift.div_(x)
+    B, state = admm(Wn, k, nm, rho, max_iterations, inverse, box, shard, shift)
     B, support = _project(B, k, nm, shard)
     if final:  # CG needs no inverse
         inverse.store.clear()
@@ -338,7 +304,8 @@ def _alps(
     if info is not None:
         info.update(state, dampening=dampening)
     Wn = functools.partial(scaled_weights, weight, x, dead)  # CG reads Wn only at its start: made again, not held
-    B = refit_on_support(Wn, None, Hn, B, support, cg_iterations, CG_RTOL, info, "error_admm", "unmasked", shard)
+    Y = None if shift is None else torch.addmm(shift, Wn(), Hn)
+    B = refit_on_support(Wn, Y, Hn, B, support, cg_iterations, CG_RTOL, info, "error_admm", "unmasked", shard)
     del Hn
     return (B / x).masked_fill(~support, 0.0).to(weight.dtype)
 
@@ -374,14 +341,15 @@ def alps_warm_prune(
     4.358 / 4.428 at 70 %, and only the shorter schedule stays within 1.5× of SparseGPT's prune time. Too few
     iterations at a small ρ₀ move the support too far (ρ₀ 0.3 with 3 iterations is worse than SparseGPT at 70 %).
     """
-    shape = _shape(weight, shard)
-    checked, starts = 0 < _kept(shape, sparsity, nm) < shape[0] * shape[1], []
+    shape = whole_shape(weight, shard)
+    checked, starts = 0 < kept_count(shape, sparsity, nm) < shape[0] * shape[1], []
+    shifts = [target_shift(weight, stats)] if checked else []  # before a start or a shared factor may consume H
     if checked:
         held = already_pruned(weight, stats, sparsity, nm, info, dampening, shard)
         if held is not None:
             return held
         if shard is not None and shard.size > 1 and max_iterations > 1:
-            k = _kept(shape, sparsity, nm)  # ahead: ρ₀, and the first check's ρ when the support moves (Δ = k)
+            k = kept_count(shape, sparsity, nm)  # ahead: ρ₀, and the first check's ρ when the support moves (Δ = k)
             rhos = (rho, rho_step(rho, k, k, True, UPDATE_EVERY - 1).rho)[: 1 + (max_iterations > UPDATE_EVERY)]
             if split_start_fits(shape[1], rhos):  # a small input: SparseGPT whole on one process (see ridge.py)
                 starts.append(
@@ -391,7 +359,7 @@ def alps_warm_prune(
                 share_factorisations(stats, dampening, rho, weight.device, shard)
     if not starts:
         starts.append(sparsegpt_prune(weight, stats, sparsity, nm, dampening, block_size, info, saliency, shard=shard))
-    args = (info, rho, max_iterations, cg_iterations, dampening, starts, shard, checked)
+    args = (info, rho, max_iterations, cg_iterations, dampening, starts, shard, checked, shifts)
     return _alps(weight, stats, sparsity, nm, *args)
 
 

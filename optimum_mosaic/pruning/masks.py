@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from ..calibration.distributed import total
+
 SAMPLE = 8192  # entries sampled to bracket a k-th value
 CHUNK = 1 << 20  # entries compared at a time while the bracket is counted and gathered
 SHARED_SELECTION = 1 << 19  # entries above which processes sharing a matrix's rows select without gathering it
@@ -146,3 +148,45 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     mask = torch.zeros_like(groups, dtype=torch.bool)
     mask.scatter_(2, torch.argsort(groups, dim=2, stable=True)[..., :n], True)
     return mask.reshape(rows, cols)
+
+
+def whole_shape(weight: torch.Tensor, shard) -> tuple[int, int]:
+    """The whole matrix's shape (``weight`` may be one process's rows of it)."""
+    return (weight.shape[0] if shard is None else shard.rows, weight.shape[1])
+
+
+def kept_count(shape: tuple[int, int], sparsity: float, nm) -> int:
+    """Weights a ``shape`` matrix keeps at ``sparsity`` (exactly ``numel − round(s·numel)``) or under N:M."""
+    rows, cols = shape
+    if not nm:
+        return rows * cols - int(round(sparsity * rows * cols))
+    n, m = nm
+    if cols % m:
+        raise ValueError(f"N:M pattern {n}:{m} needs the input size ({cols}) to be a multiple of {m}")
+    return rows * cols - n * (rows * cols // m)
+
+
+def already_pruned(weight: torch.Tensor, stats, sparsity: float, nm, info: dict | None, dampening: float, shard=None):
+    """``weight`` with its dead inputs zeroed when that already holds the target's zeros (at least
+    ``round(s·numel)``, or ``n`` in every group of ``m``), else None. Such a matrix is its own optimum (layer loss
+    0); ADMM and CG would return it only up to float32 rounding, and where a kept weight is smaller than that
+    rounding (or a dead input freed a place in the support) they fill the support from the noise at existing
+    zeros — ±1e-6 weights where the matrix had exact zeros. So it is returned as it is. (``shard``: ``weight`` is
+    this process's rows; the zeros of every process's rows are counted.)"""
+    held = weight.masked_fill(torch.diag(stats.hessian).to(weight.device) == 0, 0.0)
+    zero = held == 0
+    if nm:
+        n, m = nm
+        kept_count(weight.shape, sparsity, nm)  # the N:M shape check
+        short = int(torch.count_nonzero(torch.count_nonzero(zero.reshape(weight.shape[0], -1, m), dim=-1) < n))
+        enough = total(short, shard) == 0
+    else:
+        shape = whole_shape(weight, shard)
+        enough = total(int(torch.count_nonzero(zero)), shard) >= shape[0] * shape[1] - kept_count(shape, sparsity, nm)
+    if not enough:
+        return None
+    if info is not None:
+        info.update(iterations=0, cg_iterations=0, inverses=0, dampening=dampening, existing_zeros=True)
+        if info.get("measure_error", False):
+            info["error"] = 0.0
+    return held

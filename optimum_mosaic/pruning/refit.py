@@ -72,6 +72,17 @@ def scaled_weights(weight: torch.Tensor, x: torch.Tensor, dead: torch.Tensor) ->
     return weight.detach().float().masked_fill(dead, 0.0) * x
 
 
+def target_shift(weight: torch.Tensor, stats) -> torch.Tensor | None:
+    """``W(C − H)`` with ``C = stats.cross = X_dᵀX`` (None without one): the linear term of ``‖XŴᵀ − X_dWᵀ‖²`` is
+    ``WC`` where that of ``‖XŴᵀ − XWᵀ‖²`` is ``WH``, so the dense-target problem is the usual one with ``Y`` shifted
+    by this (÷ ``x`` per column once normalised; the ridge cancels). Dead inputs (``H_jj = 0``) contribute nothing."""
+    if getattr(stats, "cross", None) is None:
+        return None
+    H = stats.hessian.to(weight.device, torch.float32)
+    W = weight.detach().float().masked_fill(torch.diag(H) == 0, 0.0)
+    return W @ (stats.cross.to(weight.device, torch.float32) - H)
+
+
 def normalized_weights(weight: torch.Tensor, stats, dampening: float):
     """``(Wn, Hn, x)``: ``scaled_weights``, ``Hn`` and ``x``."""
     norm = normalized_hessian(stats, dampening, weight.device)

@@ -47,9 +47,9 @@ def test_the_warm_start_is_freed_before_the_first_b_step(monkeypatch):
         refs.append(weakref.ref(out))
         return out
 
-    def admm(Wn, k, nm, rho, iterations, inverse, box, shard=None):
+    def admm(Wn, k, nm, rho, iterations, inverse, box, shard=None, shift=None):
         refs.append(weakref.ref(box[0]))
-        return original_admm(Wn, k, nm, rho, iterations, inverse, box, shard)
+        return original_admm(Wn, k, nm, rho, iterations, inverse, box, shard, shift)
 
     def b_step(*args, **kwargs):
         seen.append([r() is None for r in refs])
@@ -152,10 +152,10 @@ def test_admm_forms_z_in_the_memory_of_v_and_frees_the_spent_operand(monkeypatch
     duals, spent, projected = [], [], []
     original_b_step, original_project = alps.b_step, alps._project
 
-    def b_step(Wn, D, V, rho, inv, overwrite=False):
+    def b_step(Wn, D, V, rho, inv, overwrite=False, shift=None):
         dual = (V.data_ptr(), V.clone(), rho)
         spent.append(weakref.ref(D))
-        B = original_b_step(Wn, D, V, rho, inv, overwrite)
+        B = original_b_step(Wn, D, V, rho, inv, overwrite, shift)
         duals.append((*dual, B.clone()))
         return B
 
