@@ -252,6 +252,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--peer-python", default="/work/peer-venv/bin/python", help="a venv with llmcompressor")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--table", action="store_true", help="print --out as a markdown table; prune nothing")
+    parser.add_argument(
+        "--baseline", default="uniform SparseGPT", help="--table: the run perplexity ratios are against"
+    )
     parser.add_argument("--tasks-table", action="store_true", help="print --out's zero-shot table; prune nothing")
     parser.add_argument(
         "--headline", action="store_true", help="print --out's composite vs structured-only tables; prune nothing"
@@ -264,7 +267,8 @@ def main() -> None:
     out = Path(args.out or f"benchmarks/results/domains_{args.model}.json")
     if args.table or args.tasks_table or args.headline:
         rows = json.loads(out.read_text())["rows"]
-        print(markdown(rows) if args.table else tasks_markdown(rows) if args.tasks_table else headline_markdown(rows))
+        tables = markdown(rows, args.baseline), tasks_markdown(rows), headline_markdown(rows)
+        print(tables[0] if args.table else tables[1] if args.tasks_table else tables[2])
         return
 
     pruner = Pruner.from_pretrained(args.model)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 
+import psutil
 import torch
 from tqdm.auto import tqdm
 
@@ -32,6 +33,7 @@ from .calibration.layerwise import (
     on_device,
 )
 from .configuration import PrunedConfig
+from .exceptions import CalibrationError
 from .report import Targets, count_zeros
 from .structured import remove_units, unit_options
 from .structured.composite import remove_empty_units_in_layer, restrict_statistics
@@ -104,6 +106,8 @@ class LayerWalk:
         prune = functools.partial(self._prune_one, targets, plan, kernel, config)
         walk = bool(kernel.needs or cuts)  # the layers must see the outputs of the pruned layers before them
         desc = f"Pruning ({kernel.name}{', ' + label if label else ''})"
+        if config.dense_target:
+            self._check_dense_memory(acts, targets)
         self.dense = acts.clone() if config.dense_target else None  # the dense model's stream, beside the pruned one
         for idx in tqdm(range(last + 1), desc=desc):
             with self.resident(idx, write=self.store is not None) as layer:
@@ -111,6 +115,25 @@ class LayerWalk:
                 self._walk_layer(layer, acts, idx, targets, kernel, config, cuts.get(idx), prune, propagate)
                 if self.store is not None and idx in targets:
                     self.finish_offloaded(layer, idx, targets, clean=not self.store.in_candidate)
+
+    def _check_dense_memory(self, acts, targets: Targets) -> None:
+        """``dense_target`` holds a second copy of the layer inputs and the dense inputs of one layer's projections;
+        refused before any work when that exceeds the memory available on a CPU execution device."""
+        if torch.device(self.device).type != "cpu":
+            return
+        widths = max(
+            sum(targets[i][o].in_features for o in set(input_owners(self.spec, targets[i]).values())) for i in targets
+        )
+        need = (
+            acts.hidden.numel() * acts.hidden.element_size() + acts.hidden.shape[0] * acts.hidden.shape[1] * widths * 4
+        )
+        free = psutil.virtual_memory().available
+        if need > free:
+            raise CalibrationError(
+                f"dense_target needs {need / 2**30:.1f} GiB more (the dense stream and one layer's dense inputs for "
+                f"{acts.hidden.shape[0]} × {acts.hidden.shape[1]} tokens), {free / 2**30:.1f} GiB are available: "
+                "calibrate on fewer tokens (nsamples, seqlen) or leave dense_target off"
+            )
 
     def adopt(self, name: str, targets: Targets) -> None:
         """Offloaded λ/M search: the winning candidate's layers become the result; then the clean-up its walk

@@ -169,6 +169,20 @@ def distributed(smollm2, forked, smollm2_again, forked_again, layer_8b, windows)
     assert large["argv"] == ["--nsamples", windows, "--seqlen", "2048"], large["argv"]
 
 
+def dense_target(persuasion, worst) -> None:
+    runs = {m: results(f"dense_target_{m}")["rows"] for m in ("smollm2-135m", "gemma3-270m")}
+    target = "ALPS-warm, mixed corpus, dense target"
+    ratios = {}
+    for model, rows in runs.items():
+        for row in (r for r in rows if r["run"] == target):
+            base = one(rows, run="default", sparsity=row["sparsity"])
+            ratios[(model, row["sparsity"])] = {d: row["ppl"][d] / base["ppl"][d] for d in row["ppl"]}
+    agrees(persuasion, ratios[("smollm2-135m", 0.7)]["persuasion"])
+    off_domain = [r for run in ratios.values() for d, r in run.items() if d != "persuasion"]
+    assert min(off_domain) > 1.0  # "loses on Python code, technical prose and Shakespeare in every run"
+    agrees(worst, max(off_domain))
+
+
 CLAIMS = {
     "main job": (
         r"on 2 idle CPU cores the prune takes ≈ (\d*½?) min and the two evaluations about (another minute|\d+ minutes)",
@@ -190,6 +204,11 @@ CLAIMS = {
         rf" Shakespeare at 50 % and {NUMBER}× / {NUMBER}× / {NUMBER}× / {NUMBER}× at 70 %, for {NUMBER}× /"
         rf" {NUMBER}× its prune time",
         defaults_domains,
+    ),
+    "dense target": (
+        rf"wins every held-out calibration window and \*Persuasion\* \({NUMBER}× the default's perplexity at 70 % on"
+        rf" SmolLM2-135M\) but loses on Python code, technical prose and Shakespeare in every run \(up to {NUMBER}×\)",
+        dense_target,
     ),
     "composite, SmolLM2": (
         rf"keeps {NUMBER}× the perplexity of unstructured-only \(the code before gave {NUMBER}×\), with {NUMBER} %"

@@ -73,3 +73,42 @@ def test_sigmas_of_zero_stderr(table):
     assert table.sigmas(0.05, 0.03, 0.04) == "1.0"
     assert table.sigmas(0.0, 0.0, 0.0) == "0.0"  # both tasks at accuracy 0: no stderr, no difference
     assert table.sigmas(0.1, 0.0, 0.0) == "∞"
+
+
+@pytest.mark.parametrize("model", ["smollm2-135m", "gemma3-270m"])
+def test_dense_target_tables_are_the_scripts_output(table, model):
+    rows = json.loads((ROOT / "benchmarks" / "results" / f"dense_target_{model}.json").read_text(encoding="utf-8"))
+    text = table.markdown(rows["rows"], baseline="default")
+    assert text in RESULTS_MD, f"the dense-target table of {model} is not the script's output"
+    assert "| ALPS-warm, mixed corpus, dense target | 0.7 |" in text and "(1.0" in text  # ratios against the default
+
+
+@pytest.fixture
+def left_out(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import leave_one_out
+
+    return leave_one_out
+
+
+def test_leave_one_out_arithmetic(left_out):
+    rows = [
+        dict(run="dense", sparsity=0.0, left_out=p, nll=v) for p, v in (("fiction", 3.6), ("code", 2.9), ("prose", 3.3))
+    ]
+    rows += [
+        dict(run="default", sparsity=0.7, left_out=p, nll=v)
+        for p, v in (("fiction", 4.6), ("code", 4.0), ("prose", 4.5))
+    ]
+    target = "ALPS-warm, mixed corpus, dense target"
+    rows += [
+        dict(run=target, sparsity=0.7, left_out=p, nll=v) for p, v in (("fiction", 4.7), ("code", 3.7), ("prose", 4.9))
+    ]
+    lines = left_out.markdown(rows).splitlines()
+    assert lines[2] == "| dense | – | 3.600 | 2.900 | 3.300 | 3.267 |"
+    assert lines[3] == "| default | 70 % | 4.600 | 4.000 | 4.500 | 4.367 |"
+    assert lines[4] == f"| {target} | 70 % | 4.700 (+0.100) | 3.700 (-0.300) | 4.900 (+0.400) | 4.433 (+0.067) |"
+
+
+def test_leave_one_out_table_is_the_scripts_output(left_out):
+    rows = json.loads((ROOT / "benchmarks" / "results" / "leave_one_out_smollm2-135m.json").read_text(encoding="utf-8"))
+    assert left_out.markdown(rows["rows"]) in RESULTS_MD, "the leave-one-out table is not the script's output"

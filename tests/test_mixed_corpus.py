@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 from importlib import resources
+from pathlib import Path
 
 import pytest
 import torch
@@ -145,3 +146,18 @@ def test_a_cache_that_cannot_be_written_is_passed_over(short_parts, tmp_path, mo
     monkeypatch.setattr(calibration_data, "token_cache", lambda: tmp_path / "file" / "tokens")  # under a file
     ids = calibration_data.part_ids(char_tokenizer(), "prose")
     assert ids.numel() == len(short_parts["prose"])  # one token per character
+
+
+@pytest.mark.parametrize("left_out", ["fiction", "code", "prose"])
+def test_leave_one_out_windows_never_show_the_left_out_part(short_parts, monkeypatch, left_out):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from leave_one_out import left_out_windows
+
+    tok = char_tokenizer()
+    calibration, held = left_out_windows(tok, left_out, 12, 64, 5)
+    assert calibration.shape == (12, 64) and held.shape == (5, 64)
+    parts = _part_of(tok, calibration, 64)
+    kept = {"fiction": {"code": 6, "prose": 6}, "code": {"fiction": 8, "prose": 4}, "prose": {"fiction": 8, "code": 4}}
+    assert {p: parts.count(p) for p in set(parts)} == kept[left_out]  # the other parts in their relative shares
+    assert set(_part_of(tok, held, 64)) == {left_out}
+    assert left_out_windows(tok, left_out, 12, 64, 5)[0].equal(calibration)  # seeded

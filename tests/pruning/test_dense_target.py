@@ -132,3 +132,16 @@ def test_the_command_line_takes_it_as_a_switch():
     assert config_from_args(parser.parse_args(["--dense-target"])).dense_target is True
     assert config_from_args(parser.parse_args(["--no-dense-target"])).dense_target is False
     assert config_from_args(parser.parse_args([])).dense_target is False
+
+
+def test_a_dense_stream_larger_than_free_memory_is_refused_before_any_work(monkeypatch):
+    import psutil
+
+    from optimum_mosaic.exceptions import CalibrationError
+
+    class Little:
+        available = 1 << 10
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Little())
+    with pytest.raises(CalibrationError, match=r"dense_target needs .* GiB .*fewer tokens"):
+        _walk("llama", dense_target=True)
