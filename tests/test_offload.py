@@ -19,6 +19,7 @@ CONFIGS = {
         allocation="projection", pruner="wanda", search_pruner="sparsegpt", search_samples=4
     ),  # fmt: skip
     "composite (default pruner)": dict(structured_sparsity=0.2),
+    "dense target, λ/M search": dict(allocation="projection", dense_target=True, search_samples=4),
     "composite, heads only, sparsegpt layer walk": dict(
         structured_sparsity=0.25, structured_units=["attention"], pruner="sparsegpt", sequential="layer"
     ),
