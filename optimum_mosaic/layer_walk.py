@@ -109,12 +109,15 @@ class LayerWalk:
         if config.dense_target:
             self._check_dense_memory(acts, targets)
         self.dense = acts.clone() if config.dense_target else None  # the dense model's stream, beside the pruned one
-        for idx in tqdm(range(last + 1), desc=desc):
-            with self.resident(idx, write=self.store is not None) as layer:
-                propagate = walk and idx < last
-                self._walk_layer(layer, acts, idx, targets, kernel, config, cuts.get(idx), prune, propagate)
-                if self.store is not None and idx in targets:
-                    self.finish_offloaded(layer, idx, targets, clean=not self.store.in_candidate)
+        try:
+            for idx in tqdm(range(last + 1), desc=desc):
+                with self.resident(idx, write=self.store is not None) as layer:
+                    propagate = walk and idx < last
+                    self._walk_layer(layer, acts, idx, targets, kernel, config, cuts.get(idx), prune, propagate)
+                    if self.store is not None and idx in targets:
+                        self.finish_offloaded(layer, idx, targets, clean=not self.store.in_candidate)
+        finally:
+            self.dense = None  # the dense stream is this walk's only
 
     def _check_dense_memory(self, acts, targets: Targets) -> None:
         """``dense_target`` holds a second copy of the layer inputs and the dense inputs of one layer's projections;
