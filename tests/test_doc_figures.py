@@ -169,7 +169,7 @@ def distributed(smollm2, forked, smollm2_again, forked_again, layer_8b, windows)
     assert large["argv"] == ["--nsamples", windows, "--seqlen", "2048"], large["argv"]
 
 
-def dense_target(persuasion, worst) -> None:
+def dense_target(persuasion, shakespeare, worst) -> None:
     runs = {m: results(f"dense_target_{m}")["rows"] for m in ("smollm2-135m", "gemma3-270m")}
     target = "ALPS-warm, mixed corpus, dense target"
     ratios = {}
@@ -177,10 +177,13 @@ def dense_target(persuasion, worst) -> None:
         for row in (r for r in rows if r["run"] == target):
             base = one(rows, run="default", sparsity=row["sparsity"])
             ratios[(model, row["sparsity"])] = {d: row["ppl"][d] / base["ppl"][d] for d in row["ppl"]}
+    assert len(ratios) == 4  # "all four runs"
     agrees(persuasion, ratios[("smollm2-135m", 0.7)]["persuasion"])
-    off_domain = [r for run in ratios.values() for d, r in run.items() if d != "persuasion"]
-    assert min(off_domain) > 1.0  # "loses on Python code, technical prose and Shakespeare in every run"
-    agrees(worst, max(off_domain))
+    assert all(run["shakespeare"] > 1 for run in ratios.values())
+    agrees(shakespeare, max(run["shakespeare"] for run in ratios.values()))
+    losing = [run for run in ratios.values() if run["python-code"] > 1 and run["python-docs"] > 1]
+    assert len(losing) == 3  # "in three of them"
+    agrees(worst, max(max(run["python-code"], run["python-docs"]) for run in losing))
 
 
 CLAIMS = {
@@ -207,7 +210,8 @@ CLAIMS = {
     ),
     "dense target": (
         rf"wins every held-out calibration window and \*Persuasion\* \({NUMBER}× the default's perplexity at 70 % on"
-        rf" SmolLM2-135M\) but loses on Python code, technical prose and Shakespeare in every run \(up to {NUMBER}×\)",
+        rf" SmolLM2-135M\) but loses on Shakespeare in all four runs \(up to {NUMBER}×\) and on Python code and technical"
+        rf" prose in three of them \(up to {NUMBER}×\)",
         dense_target,
     ),
     "composite, SmolLM2": (
