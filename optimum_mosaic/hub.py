@@ -80,9 +80,10 @@ def _checkpoint(model_or_dir, tokenizer):
 def check_pushable(directory: Path, force: bool = False) -> None:
     """The card is made from the sidecar: refuse a push whose sidecar disagrees with the weights being pushed,
     or (unless ``force``) whose weights hold fewer zeros than the prune left."""
-    from .configuration import SIDECAR_NAME, read_sidecar
+    from .configuration import SIDECAR_NAME
     from .exceptions import CheckpointMismatchError, SparsityLostError
     from .quantization import checkpoint_tensor_reader
+    from .sidecar import read_sidecar
 
     sidecar = read_sidecar(directory)
     read = checkpoint_tensor_reader(directory)

@@ -87,7 +87,7 @@ def _parameter_count(tensors: dict[str, list[int]], shapes: dict) -> int:
 
 
 def facts_from_dir(path: Path) -> _Facts:
-    from .configuration import read_sidecar
+    from .sidecar import read_sidecar
 
     sidecar = read_sidecar(path)
     files = sorted(path.glob("*.safetensors"))

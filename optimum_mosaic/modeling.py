@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .configuration import SIDECAR_NAME, PrunedConfig, read_sidecar
+from .configuration import SIDECAR_NAME, PrunedConfig
 from .exceptions import CheckpointMismatchError
 from .report import PruningReport
+from .sidecar import read_sidecar
 
 
 class PrunedModelForCausalLM:

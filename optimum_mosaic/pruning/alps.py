@@ -272,11 +272,11 @@ def alps_prune(
 
 def _alps(
     weight, stats, sparsity, nm, info, rho, max_iterations, cg_iterations, dampening, starts: list, shard=None,
-    checked: bool = False, shifts=(),
+    checked: bool = False, shift=None,
 ):  # fmt: skip
     """``alps_prune``'s body; ``starts`` holds the warm start (or nothing) and is emptied, so a start made for this
     call (``alps_warm``'s SparseGPT weights) is held by nothing once it is scaled. ``checked``: the caller has
-    already asked ``already_pruned``."""
+    already asked ``already_pruned``. ``shift``: ``refit.target_shift``'s, when the caller made it."""
     shape = whole_shape(weight, shard)
     k = kept_count(shape, sparsity, nm)
     if k == shape[0] * shape[1] or k == 0:
@@ -285,7 +285,7 @@ def _alps(
     if held is not None:
         return held
     final = getattr(stats, "final_read", False)  # no later projection reads these statistics
-    shift = shifts.pop() if shifts else target_shift(weight, stats)
+    shift = target_shift(weight, stats) if shift is None else shift  # None unless the statistics hold X_dᵀX
     norm = normalized_hessian(stats, dampening, weight.device)
     if final:  # the solve's references are the only ones: ``inverse`` may park Hn while ADMM iterates
         stats.cache.pop(normalized_key(dampening, weight.device))
@@ -343,11 +343,12 @@ def alps_warm_prune(
     """
     shape = whole_shape(weight, shard)
     checked, starts = 0 < kept_count(shape, sparsity, nm) < shape[0] * shape[1], []
-    shifts = [target_shift(weight, stats)] if checked else []  # before a start or a shared factor may consume H
+    shift = None
     if checked:
         held = already_pruned(weight, stats, sparsity, nm, info, dampening, shard)
         if held is not None:
             return held
+        shift = target_shift(weight, stats)  # before a start or a shared factorisation may consume H
         if shard is not None and shard.size > 1 and max_iterations > 1:
             k = kept_count(shape, sparsity, nm)  # ahead: ρ₀, and the first check's ρ when the support moves (Δ = k)
             rhos = (rho, rho_step(rho, k, k, True, UPDATE_EVERY - 1).rho)[: 1 + (max_iterations > UPDATE_EVERY)]
@@ -359,7 +360,7 @@ def alps_warm_prune(
                 share_factorisations(stats, dampening, rho, weight.device, shard)
     if not starts:
         starts.append(sparsegpt_prune(weight, stats, sparsity, nm, dampening, block_size, info, saliency, shard=shard))
-    args = (info, rho, max_iterations, cg_iterations, dampening, starts, shard, checked, shifts)
+    args = (info, rho, max_iterations, cg_iterations, dampening, starts, shard, checked, shift)
     return _alps(weight, stats, sparsity, nm, *args)
 
 
